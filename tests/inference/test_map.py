@@ -1,0 +1,96 @@
+"""MAP through BoRA's prior and inference code on a Gaussian hierarchical model with closed forms."""
+
+import math
+
+import pytest
+import scipy.optimize
+import torch
+
+from bora_pyro.config import BoraConfig
+from bora_pyro.inference.map import optimise_map
+from bora_pyro.models.bora import BoraModel
+from tests.gaussian import GaussianProblem
+
+
+def _model(problem, tau, **config):
+    return BoraModel(
+        problem.log_likelihood, num_tasks=problem.num_tasks, num_params=problem.y.shape[1],
+        num_docs=problem.num_docs, config=BoraConfig(tau=tau, **config),
+    )
+
+
+def _full_batches(problem):
+    while True:
+        yield problem.full_batch()
+
+
+def _fit(problem, tau, steps=1500, lr=0.05, **kw):
+    return optimise_map(
+        _model(problem, tau), _full_batches(problem), init_global=torch.zeros(problem.y.shape[1]),
+        steps=steps, lr=lr, progress=False, **kw,
+    )
+
+
+@pytest.mark.parametrize("tau", [0.5, 4.0])
+def test_map_matches_closed_form_mode(tau):
+    problem = GaussianProblem.make()
+    state = _fit(problem, tau)
+    theta, Theta = problem.map_for_tau(tau)
+    torch.testing.assert_close(state.task_adapters.double(), theta, atol=2e-3, rtol=0)
+    torch.testing.assert_close(state.global_adapter.double(), Theta, atol=2e-3, rtol=0)
+
+
+def test_tau_zero_is_independent_and_tau_inf_is_pooled():
+    problem = GaussianProblem.make()
+    _, ybar = problem.stats()
+    independent = _fit(problem, 0.0)
+    torch.testing.assert_close(independent.task_adapters.double(), ybar, atol=2e-3, rtol=0)
+    assert independent.tau.tolist() == [0.0]
+    pooled = _fit(problem, math.inf)
+    assert pooled.tau.tolist() == [math.inf]
+    for d in range(problem.num_tasks):
+        torch.testing.assert_close(pooled.task_adapters[d].double(), problem.pooled(), atol=2e-3, rtol=0)
+
+
+def test_learned_tau_converges_to_marginal_likelihood_maximiser():
+    # Equal document counts: the evidence fixed point is exactly the type-II ML tau.
+    problem = GaussianProblem.make(docs_per_task=(40,) * 12, P=20, tau=3.0, seed=1)
+    res = scipy.optimize.minimize_scalar(
+        lambda lt: -problem.marginal_log_likelihood(math.exp(lt)), bounds=(-5, 5), method="bounded"
+    )
+    tau_ml = math.exp(res.x)
+    batch_size = 48
+    state = optimise_map(
+        _model(problem, "learn", tau_init=50.0, tau_prior=(1.0, 0.0)),
+        problem.batches(batch_size), init_global=torch.zeros(20), steps=3000, lr=0.02,
+        batch_fraction=batch_size / problem.num_docs, tau_update_every=100, tau_warmup=500,
+        progress=False,
+    )
+    tau_hat = state.tau.item()
+    assert abs(tau_hat - tau_ml) / tau_ml < 0.2, (tau_hat, tau_ml)
+
+
+def test_subsampled_log_joint_is_unbiased():
+    """Averaged over all minibatches of an epoch, the scaled log joint is the full-data one."""
+    import pyro.poutine as poutine
+
+    problem = GaussianProblem.make(docs_per_task=(3, 5, 4), P=2)
+    model = _model(problem, 2.0)
+    theta = torch.randn(3, 2)
+    Theta = torch.randn(2)
+    data = {"task_adapters": theta, "global_adapter": Theta}
+
+    def log_joint(batch):
+        return poutine.trace(poutine.condition(model, data=data)).get_trace(batch).log_prob_sum()
+
+    full = log_joint(problem.full_batch())
+    prior = torch.distributions.Normal(Theta, 2.0**-0.5).log_prob(theta).sum()
+    lik = problem.log_likelihood(theta, problem.full_batch()).sum()
+    torch.testing.assert_close(full, prior + lik)
+    # Every batch of 3 out of 12 documents (one partition of the epoch): mean equals the full value.
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    parts = [perm[i : i + 3] for i in range(0, 12, 3)]
+    from tests.gaussian import GaussianBatch
+
+    values = [log_joint(GaussianBatch(problem.y[i], problem.task_ids[i], i)) for i in parts]
+    torch.testing.assert_close(torch.stack(values).mean(), full)
