@@ -6,9 +6,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from .models.layout import PRECISION_GROUPINGS
+__all__ = ["BoraConfig", "parse_tau", "PRECISION_GROUPINGS"]
 
-__all__ = ["BoraConfig", "parse_tau"]
+#: How parameters may share a precision: one tau for all, one for all A and one for all B, or
+#: one per (module kind, A|B), e.g. ``q_proj.A``.
+PRECISION_GROUPINGS = ("shared", "ab", "module")
 
 
 def parse_tau(tau: Any) -> float | str | dict[str, float]:

@@ -12,7 +12,7 @@ import string
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-__all__ = ["char_tokenizer", "tiny_causal_lm", "TINY_FAMILIES"]
+__all__ = ["char_tokenizer", "tiny_causal_lm", "synthetic_corpus_frame", "TINY_FAMILIES"]
 
 TINY_FAMILIES = ("llama", "gpt2", "opt", "qwen2")
 
@@ -106,3 +106,38 @@ def tiny_causal_lm(
     torch.manual_seed(seed)
     model = cls(config)
     return model.eval()
+
+
+_SHARED_WORDS = ("the", "and", "of", "to", "thou", "my", "is", "not", "with", "be")
+_TASK_WORDS = (
+    ("sword", "crown", "war", "blood"), ("love", "rose", "kiss", "moon"),
+    ("gold", "ship", "sea", "trade"), ("ghost", "grave", "night", "bones"),
+    ("wine", "song", "feast", "dance"), ("law", "court", "seal", "oath"),
+)
+
+
+def synthetic_corpus_frame(
+    docs_per_task: tuple[int, ...] = (12, 24, 48), *, words_per_doc: tuple[int, int] = (6, 12), seed: int = 0
+):
+    """A small multi-task text table (``task``, ``text``) whose tasks truly differ.
+
+    Every document mixes words shared by all tasks with words of its own task, so a shared
+    adapter helps every task and a task adapter helps more. Up to 6 tasks.
+    """
+    import numpy as np
+    import pandas as pd
+
+    if len(docs_per_task) > len(_TASK_WORDS):
+        raise ValueError(f"At most {len(_TASK_WORDS)} tasks, got docs_per_task={docs_per_task}.")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d, n in enumerate(docs_per_task):
+        own = _TASK_WORDS[d]
+        for _ in range(n):
+            k = int(rng.integers(words_per_doc[0], words_per_doc[1] + 1))
+            words = [
+                own[rng.integers(len(own))] if rng.random() < 0.5 else _SHARED_WORDS[rng.integers(len(_SHARED_WORDS))]
+                for _ in range(k)
+            ]
+            rows.append({"task": f"task{d}", "text": " ".join(words)})
+    return pd.DataFrame(rows)

@@ -13,11 +13,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["AdapterSlot", "AdapterLayout", "PRECISION_GROUPINGS"]
+from ..config import PRECISION_GROUPINGS
 
-#: How parameters may share a precision: one tau for all, one for all A and one for all B, or
-#: one per (module kind, A|B), e.g. ``q_proj.A``.
-PRECISION_GROUPINGS = ("shared", "ab", "module")
+__all__ = ["AdapterSlot", "AdapterLayout"]
 
 
 @dataclass(frozen=True)

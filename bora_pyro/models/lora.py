@@ -58,6 +58,7 @@ class MultiTaskLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.name = name
+        self.layout = layout
         self.context = context
         a, b = layout.slot(name, "A"), layout.slot(name, "B")
         self.a_range, self.b_range = (a.offset, a.stop), (b.offset, b.stop)
@@ -106,9 +107,10 @@ def find_target_modules(model: nn.Module, target_modules: Sequence[str] | None =
     overrides it with names matched against the full module name or its last components, as in
     PEFT (``["q_proj", "v_proj"]`` or ``["self_attn.q_proj"]``).
     """
+    wrapped = {n + ".base" for n, m in model.named_modules() if isinstance(m, MultiTaskLoRALinear)}
     candidates = [
         name for name, module in model.named_modules()
-        if _in_out(module) is not None and not isinstance(module, MultiTaskLoRALinear)
+        if isinstance(module, MultiTaskLoRALinear) or (_in_out(module) is not None and name not in wrapped)
     ]
     if target_modules is None:
         chosen = [n for n in candidates if _IN_BLOCK.search(n)]
@@ -162,9 +164,19 @@ class MultiTaskLM(nn.Module):
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got rank={rank!r}.")
-        _unwrap(base_model)
         base_model.requires_grad_(False)
         self.base_model = base_model
+        existing = _wrappers(base_model)
+        if existing:
+            # Already wrapped (e.g. several fits sharing one loaded base model): keep the wrappers
+            # if they have the same layout, so that earlier results stay usable.
+            layout, context = existing[0].layout, existing[0].context
+            same = (layout.rank, layout.alpha) == (rank, float(alpha))
+            if same and [w.name for w in existing] == find_target_modules(base_model, target_modules):
+                self.layout, self.context = layout, context
+                self._probe = existing[0]
+                return
+            _unwrap(base_model)
         names = find_target_modules(base_model, target_modules)
         modules = dict(base_model.named_modules())
         self.layout = AdapterLayout([(n, *_in_out(modules[n])) for n in names], rank=rank, alpha=alpha)
@@ -174,6 +186,7 @@ class MultiTaskLM(nn.Module):
             parent = base_model.get_submodule(parent_name) if parent_name else base_model
             wrapped = MultiTaskLoRALinear(modules[name], name=name, layout=self.layout, context=self.context)
             setattr(parent, child, wrapped)
+        self._probe = _wrappers(base_model)[0]
 
     @property
     def num_params(self) -> int:
@@ -202,6 +215,13 @@ class MultiTaskLM(nn.Module):
                 )
             if adapters.dim() == 2 and task_ids is None:
                 raise ValueError("adapters of shape [D, P] need task_ids, one task id per row.")
+        probe = self._probe
+        if probe.context is not self.context or _get(self.base_model, probe.name) is not probe:
+            raise RuntimeError(
+                "The base model of this MultiTaskLM was re-wrapped by another one with a different "
+                "rank, alpha or target_modules (e.g. a later fit on the same model object); its "
+                "adapters no longer apply. Reload the result with bora_pyro.load_result(path)."
+            )
         ctx = self.context
         saved = ctx.adapters, ctx.task_ids
         ctx.adapters, ctx.task_ids = adapters, task_ids
@@ -246,6 +266,17 @@ class MultiTaskLM(nn.Module):
             ignore_index=-100, reduction="none",
         )
         return nll.view(target.shape).sum(-1)
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _wrappers(model: nn.Module) -> list[MultiTaskLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, MultiTaskLoRALinear)]
 
 
 def _unwrap(model: nn.Module) -> None:

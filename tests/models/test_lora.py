@@ -138,3 +138,17 @@ def test_bad_adapter_width_is_a_clear_error():
     lm = MultiTaskLM(tiny_causal_lm("llama"), rank=2)
     with pytest.raises(ValueError, match="P="):
         lm(torch.randint(4, 100, (1, 4)), adapters=torch.zeros(5))
+
+
+def test_same_layout_shares_wrappers_and_other_layout_invalidates_old_lm():
+    base = tiny_causal_lm("llama")
+    first = MultiTaskLM(base, rank=2, alpha=4)
+    second = MultiTaskLM(base, rank=2, alpha=4)
+    assert second.context is first.context
+    ids = torch.randint(4, 100, (1, 4))
+    theta = _random_adapters(first.layout, 1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(first(ids, adapters=theta), second(ids, adapters=theta))
+    MultiTaskLM(base, rank=4, alpha=4)
+    with pytest.raises(RuntimeError, match="re-wrapped"):
+        first(ids, adapters=theta)

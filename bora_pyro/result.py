@@ -1,0 +1,295 @@
+"""`BoraResult`: a fitted BoRA model, to evaluate, save and load (safetensors + JSON, no pickle)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import BoraConfig
+from .evaluation import per_task_nll, perplexity_table
+
+__all__ = ["BoraResult", "load_result"]
+
+_FORMAT = "bora_pyro.result"
+_FORMAT_VERSION = 1
+_ADAPTERS = "adapters.safetensors"
+_CONFIG = "config.json"
+_HISTORY = "history.json"
+_CORPUS = "corpus.safetensors"
+_CORPUS_META = "corpus.json"
+
+
+@dataclass
+class BoraResult:
+    """A fitted BoRA model.
+
+    Attributes
+    ----------
+    tasks
+        Task names; position = task id = row of `task_adapters`.
+    task_adapters
+        ``[D, P]`` fp32, one flat LoRA adapter per task (layout in ``lm.layout``).
+    global_adapter
+        ``[P]`` the global adapter Theta.
+    tau
+        ``{group: precision}``; ``0.0`` / ``inf`` in the independent / pooled limits.
+    config
+        The `BoraConfig` of the model.
+    history
+        The optimisation history (see `MAPState.history`).
+    lm
+        The `MultiTaskLM` (frozen base model with the multi-task LoRA layers).
+    tokenizer
+        The base model's tokenizer.
+    corpus
+        The `TaskCorpus` the model was fitted on (its splits are what `evaluate` reads).
+    model_spec
+        How to load the base model again (``"smollm2-135m"``, a path or hub id; ``"<object>"``
+        when a model object was given, then `load_result` needs ``model=``).
+    method
+        ``"map"``.
+    fit_args
+        The training arguments, for the record.
+    """
+
+    tasks: list[str]
+    task_adapters: torch.Tensor
+    global_adapter: torch.Tensor
+    tau: dict[str, float]
+    config: BoraConfig
+    history: dict[str, list]
+    lm: Any
+    tokenizer: Any
+    corpus: Any
+    model_spec: str
+    method: str = "map"
+    fit_args: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        taus = ", ".join(f"{k}={v:.4g}" for k, v in self.tau.items())
+        return (
+            f"BoraResult(method={self.method!r}, tasks={len(self.tasks)}, P={self.task_adapters.shape[1]:,}, "
+            f"tau: {taus}, model={self.model_spec!r})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    def adapter(self, task: str) -> torch.Tensor:
+        """The ``[P]`` adapter of one task, by name."""
+        return self.task_adapters[self.corpus.task_index(task)]
+
+    def evaluate(
+        self,
+        split: str = "test",
+        *,
+        adapters: str = "tasks",
+        batch_size: int | None = None,
+        max_docs_per_task: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> pd.DataFrame:
+        """Per-task perplexity on a split of the corpus.
+
+        Parameters
+        ----------
+        split
+            ``"test"``, ``"validation"`` or ``"train"``.
+        adapters
+            ``"tasks"`` (each task's own adapter), ``"global"`` (the global adapter for every
+            task) or ``"base"`` (no adapter: the base model).
+        batch_size
+            Evaluation batch size (default: the training batch size, times 2).
+        max_docs_per_task
+            Evaluate on a seeded subset of at most this many documents per task.
+
+        Returns
+        -------
+        DataFrame with columns ``task``, ``n_docs``, ``n_tokens``, ``nll`` (per token, nats),
+        ``perplexity``; one row per task and a last row ``overall`` (token-weighted, also in
+        ``df.attrs["overall_perplexity"]``).
+        """
+        choices = {"tasks": self.task_adapters, "global": self.global_adapter, "base": None}
+        if adapters not in choices:
+            raise ValueError(f"adapters={adapters!r} is not valid; choose one of {list(choices)}.")
+        data = self.corpus.split(split)
+        if max_docs_per_task is not None:
+            data = data.subset(max_docs_per_task, seed=seed)
+        batch_size = batch_size or 2 * int(self.fit_args.get("batch_size", 8))
+        autocast = self.fit_args.get("autocast")
+        nll, tokens, docs = per_task_nll(
+            self.lm, choices[adapters], data, num_tasks=len(self.tasks), batch_size=batch_size,
+            device=self.device, autocast_dtype=_autocast_dtype(autocast, self.device),
+            progress=progress,
+        )
+        return perplexity_table(self.tasks, nll, tokens, docs)
+
+    def history_frame(self) -> pd.DataFrame:
+        """The training history as a DataFrame (one row per step; tau per group as columns)."""
+        h = dict(self.history)
+        taus = h.pop("tau", [])
+        df = pd.DataFrame(h)
+        if taus:
+            for i, g in enumerate(self.tau):
+                df[f"tau_{g}"] = [t[i] for t in taus]
+        return df
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, *, include_corpus: bool = True) -> Path:
+        """Write the fitted state to a folder (atomically: a temp folder, then a rename).
+
+        Files: ``adapters.safetensors`` (task and global adapters, tau), ``config.json`` (model
+        config, layout, tasks, base-model spec, fit arguments, library version, sorted keys),
+        ``history.json`` and, with ``include_corpus``, the tokenised corpus
+        (``corpus.safetensors`` + ``corpus.json``) so that `load_result` can evaluate on the
+        same split without the original data.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            group_names = list(self.tau)
+            save_file(
+                {
+                    "task_adapters": self.task_adapters.detach().float().contiguous().cpu(),
+                    "global_adapter": self.global_adapter.detach().float().contiguous().cpu(),
+                    "tau": torch.tensor([self.tau[g] for g in group_names], dtype=torch.float64),
+                },
+                tmp / _ADAPTERS,
+            )
+            meta = {
+                "format": _FORMAT,
+                "format_version": _FORMAT_VERSION,
+                "method": self.method,
+                "tasks": list(self.tasks),
+                "tau_groups": group_names,
+                "config": self.config.to_dict(),
+                "layout": self.lm.layout.to_dict(),
+                "model": self.model_spec,
+                "fit_args": _jsonable(self.fit_args),
+            }
+            (tmp / _CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            (tmp / _HISTORY).write_text(json.dumps(_jsonable(self.history)))
+            if include_corpus:
+                tensors, corpus_meta = self.corpus.state_dict()
+                save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / _CORPUS)
+                (tmp / _CORPUS_META).write_text(json.dumps(corpus_meta, indent=2, sort_keys=True))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def load_result(
+    path: str | os.PathLike,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    data: Any = None,
+    device: str | torch.device = "auto",
+) -> BoraResult:
+    """Load a result written by `BoraResult.save`.
+
+    Parameters
+    ----------
+    path
+        The folder.
+    model, tokenizer
+        The base model, when it was given as an object at fit time (or to override the
+        recorded spec); by default the recorded spec is loaded (`load_base_model`).
+    data
+        A `TaskCorpus` to attach when the result was saved without its corpus.
+    device
+        Where to put the model.
+    """
+    from .data import TaskCorpus
+    from .models.base import load_base_model
+    from .models.layout import AdapterLayout
+    from .models.lora import MultiTaskLM
+
+    path = Path(path)
+    if not (path / _CONFIG).is_file():
+        raise FileNotFoundError(f"{path} holds no {_CONFIG}; is it a folder written by BoraResult.save()?")
+    meta = json.loads((path / _CONFIG).read_text())
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path / _CONFIG} is not a bora_pyro result (format={meta.get('format')!r}).")
+    config = BoraConfig.from_dict(meta["config"])
+    spec = meta["model"]
+    if model is None and spec == "<object>":
+        raise ValueError(
+            f"The result in {path} was fitted on a model object, not a name or path; pass it "
+            "again: load_result(path, model=my_model, tokenizer=my_tokenizer)."
+        )
+    base, tok, spec_loaded = load_base_model(spec if model is None else model, tokenizer, device=device)
+    lm = MultiTaskLM(base, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules)
+    saved_layout = AdapterLayout.from_dict(meta["layout"])
+    if lm.layout != saved_layout:
+        raise ValueError(
+            f"The base model's layers do not match the saved adapters ({saved_layout} saved, "
+            f"{lm.layout} now): load the same base model the result was fitted on."
+        )
+    tensors = load_file(path / _ADAPTERS)
+    if data is not None:
+        corpus = data
+    elif (path / _CORPUS).is_file():
+        corpus = TaskCorpus.from_state_dict(
+            load_file(path / _CORPUS), json.loads((path / _CORPUS_META).read_text())
+        )
+    else:
+        raise ValueError(
+            f"{path} was saved without its corpus (include_corpus=False); pass data=<TaskCorpus>."
+        )
+    if list(corpus.tasks) != list(meta["tasks"]):
+        raise ValueError("The corpus' tasks differ from the saved result's tasks; pass the corpus it was fitted on.")
+    history = json.loads((path / _HISTORY).read_text()) if (path / _HISTORY).is_file() else {}
+    tau_values = tensors["tau"].tolist()
+    return BoraResult(
+        tasks=list(meta["tasks"]),
+        task_adapters=tensors["task_adapters"],
+        global_adapter=tensors["global_adapter"],
+        tau=dict(zip(meta["tau_groups"], tau_values)),
+        config=config,
+        history=history,
+        lm=lm,
+        tokenizer=tok,
+        corpus=corpus,
+        model_spec=spec_loaded,
+        method=meta.get("method", "map"),
+        fit_args=meta.get("fit_args", {}),
+    )
+
+
+def _autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    if name is None:
+        return None
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"autocast={name!r} is not valid; choose None, 'bf16' or 'fp16'.")
+    return table[name]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
