@@ -33,25 +33,26 @@ class AdapterContext:
 
     Attributes
     ----------
-    adapters
-        ``None`` (plain base model), a ``[P]`` tensor (one adapter for every row) or a ``[D, P]``
-        tensor (one adapter per task, selected per row by ``task_ids``).
-    task_ids
-        ``LongTensor [N]``, the task of each row; needed when ``adapters`` is ``[D, P]``.
+    pieces
+        ``None`` (plain base model) or one tensor per layout slot (``A`` and ``B`` of each
+        module, in layout order): ``[N, size]`` with one row per batch row (``per_row``) or
+        ``[size]`` for one adapter applied to every row.
+    per_row
+        Whether ``pieces`` have one row per batch row.
     """
 
-    __slots__ = ("adapters", "task_ids")
+    __slots__ = ("pieces", "per_row")
 
     def __init__(self) -> None:
-        self.adapters: torch.Tensor | None = None
-        self.task_ids: torch.Tensor | None = None
+        self.pieces: tuple[torch.Tensor, ...] | None = None
+        self.per_row = False
 
 
 class MultiTaskLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus the per-row LoRA update of its task.
 
     ``y[n] = base(x[n]) + scaling * x[n] @ A[t_n].T @ B[t_n].T`` with ``A[t]`` ``[r, in]`` and
-    ``B[t]`` ``[out, r]`` read from the context's adapters at this module's offsets.
+    ``B[t]`` ``[out, r]`` taken from the context's pieces for this module.
     """
 
     def __init__(self, base: nn.Module, *, name: str, layout: AdapterLayout, context: AdapterContext):
@@ -61,7 +62,7 @@ class MultiTaskLoRALinear(nn.Module):
         self.layout = layout
         self.context = context
         a, b = layout.slot(name, "A"), layout.slot(name, "B")
-        self.a_range, self.b_range = (a.offset, a.stop), (b.offset, b.stop)
+        self.a_index, self.b_index = layout.slots.index(a), layout.slots.index(b)
         self.rank, self.in_features = a.shape
         self.out_features = b.shape[0]
         self.scaling = layout.scaling
@@ -71,21 +72,19 @@ class MultiTaskLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        theta = self.context.adapters
-        if theta is None:
+        pieces = self.context.pieces
+        if pieces is None:
             return out
-        (a0, a1), (b0, b1) = self.a_range, self.b_range
         dtype = out.dtype
-        if theta.dim() == 1:
-            A = theta[a0:a1].view(self.rank, self.in_features).to(dtype)
-            B = theta[b0:b1].view(self.out_features, self.rank).to(dtype)
+        A, B = pieces[self.a_index].to(dtype), pieces[self.b_index].to(dtype)
+        if not self.context.per_row:
+            A = A.view(self.rank, self.in_features)
+            B = B.view(self.out_features, self.rank)
             return out + self.scaling * F.linear(F.linear(x.to(dtype), A), B)
-        ids = self.context.task_ids
         # Rows come first; some models (OPT's MLP) flatten [N, L, in] to [N * L, in] first.
-        n = ids.shape[0]
-        # Gather each row's own A and B: [N, r, in] and [N, out, r].
-        A = theta[:, a0:a1].index_select(0, ids).view(n, self.rank, self.in_features).to(dtype)
-        B = theta[:, b0:b1].index_select(0, ids).view(n, self.out_features, self.rank).to(dtype)
+        n = A.shape[0]
+        A = A.view(n, self.rank, self.in_features)
+        B = B.view(n, self.out_features, self.rank)
         h = torch.bmm(x.reshape(n, -1, self.in_features).to(dtype), A.transpose(1, 2))
         delta = torch.bmm(h, B.transpose(1, 2)).view(*out.shape)
         return out + self.scaling * delta
@@ -175,6 +174,7 @@ class MultiTaskLM(nn.Module):
             if same and [w.name for w in existing] == find_target_modules(base_model, target_modules):
                 self.layout, self.context = layout, context
                 self._probe = existing[0]
+                self._slot_sizes = [slot.size for slot in layout.slots]
                 return
             _unwrap(base_model)
         names = find_target_modules(base_model, target_modules)
@@ -187,6 +187,7 @@ class MultiTaskLM(nn.Module):
             wrapped = MultiTaskLoRALinear(modules[name], name=name, layout=self.layout, context=self.context)
             setattr(parent, child, wrapped)
         self._probe = _wrappers(base_model)[0]
+        self._slot_sizes = [slot.size for slot in self.layout.slots]
 
     @property
     def num_params(self) -> int:
@@ -223,12 +224,19 @@ class MultiTaskLM(nn.Module):
                 "adapters no longer apply. Reload the result with bora_pyro.load_result(path)."
             )
         ctx = self.context
-        saved = ctx.adapters, ctx.task_ids
-        ctx.adapters, ctx.task_ids = adapters, task_ids
+        saved = ctx.pieces, ctx.per_row
+        if adapters is None:
+            ctx.pieces, ctx.per_row = None, False
+        else:
+            # One gather of each row's adapter and one split into per-module pieces: their
+            # backward is one index_add and one cat, not a full-size gradient per module.
+            per_row = adapters.dim() == 2
+            rows = adapters.index_select(0, task_ids) if per_row else adapters
+            ctx.pieces, ctx.per_row = rows.split(self._slot_sizes, dim=-1), per_row
         try:
             yield
         finally:
-            ctx.adapters, ctx.task_ids = saved
+            ctx.pieces, ctx.per_row = saved
 
     def forward(
         self,
