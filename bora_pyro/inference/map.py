@@ -229,8 +229,8 @@ def optimise_map(
                     bad_evals += 1
             history["val_nll"].append(val)
             postfix = {"nll/tok": f"{train_nll:.3f}"}
-            if not math.isnan(val):
-                postfix["val ppl"] = f"{math.exp(val):.2f}"
+            if best[1] is not None:
+                postfix["best val ppl"] = f"{math.exp(best[0]):.2f}"
             if learn:
                 postfix["tau"] = ",".join(f"{t:.3g}" for t in tau.tolist())
             bar.set_postfix(postfix, refresh=False)
