@@ -1,0 +1,209 @@
+r"""Stochastic variational inference for BoRA: a mean-field Normal guide over the task adapters,
+the global adapter as a point (type-II maximum likelihood), tau by variational EM.
+
+The guide is ``q(theta_d) = Normal(mu_d, sigma_d)`` with one location and one scale per entry of
+the flat ``[D, P]`` layout (``sigma = softplus(rho)``), ``Theta`` a point estimate. The ELBO
+
+    E_q[ sum_n log p_LM(doc_n | theta) ] - sum_d KL(q(theta_d) || Normal(Theta, tau^-1))
+
+is estimated on minibatches (the likelihood scaled by N / B through the subsampled documents
+plate) with the KL term analytic (`pyro.infer.TraceMeanField_ELBO`). A learned tau is set by
+the exact maximiser of the ELBO in tau (the M-step of variational EM), per precision group g::
+
+    tau_g = ((D - 1) P_g + 2 (a - 1)) / (E_q[S_g] + 2 b),
+    E_q[S_g] = sum_d sum_{i in g} (mu_di - Theta_i)^2 + sigma_di^2
+
+which accounts for posterior uncertainty through ``sigma`` and so does not collapse to pooling;
+``(D - 1)`` rather than ``D`` degrees of freedom per parameter because ``Theta`` is estimated
+from the same adapters (as in REML).
+
+In the limits the guide follows the model: with tau = 0 there is no global adapter, with
+tau = inf no task adapters and the mean-field Normal is over the one shared adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.infer import TraceMeanField_ELBO
+from torch import nn
+
+from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
+from .loop import FitState, Stepper, run_steps
+
+__all__ = ["MeanFieldGuide", "SVIStepper", "optimise_svi"]
+
+
+def _inverse_softplus(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+class MeanFieldGuide(nn.Module):
+    """``q(theta_d) = prod_i Normal(mu_di, softplus(rho_di))``, ``Theta`` a point (delta).
+
+    Parameters
+    ----------
+    model
+        The `BoraModel` (its tau mode decides which sites exist).
+    init_tasks
+        ``[D, P]`` initial locations of the task adapters.
+    init_global
+        ``[P]`` initial global adapter.
+    init_scale
+        Initial posterior standard deviation of every entry.
+    """
+
+    def __init__(self, model: BoraModel, init_tasks: torch.Tensor, init_global: torch.Tensor, *, init_scale: float = 1e-3):
+        super().__init__()
+        self.mode = model.mode
+        self.num_tasks = model.num_tasks
+        rho = _inverse_softplus(init_scale)
+        if self.mode == "pooled":
+            self.loc = nn.Parameter(init_global.detach().clone().float())
+        else:
+            self.loc = nn.Parameter(init_tasks.detach().clone().float())
+        self.rho = nn.Parameter(torch.full_like(self.loc, rho))
+        self.global_loc = (
+            nn.Parameter(init_global.detach().clone().float()) if self.mode in ("fixed", "learn") else None
+        )
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Posterior standard deviations, same shape as ``loc``."""
+        return F.softplus(self.rho)
+
+    def forward(self, batch, *, tau=None):
+        if self.mode == "pooled":
+            return {SITE_GLOBAL: pyro.sample(SITE_GLOBAL, dist.Normal(self.loc, self.scale).to_event(1))}
+        out = {}
+        if self.global_loc is not None:
+            out[SITE_GLOBAL] = pyro.sample(SITE_GLOBAL, dist.Delta(self.global_loc, event_dim=1))
+        with pyro.plate("tasks", self.num_tasks, dim=-1):
+            out[SITE_TASKS] = pyro.sample(SITE_TASKS, dist.Normal(self.loc, self.scale).to_event(1))
+        return out
+
+
+class SVIStepper(Stepper):
+    """SVI steps with the `MeanFieldGuide`; with a learned tau, variational-EM updates."""
+
+    name = "BoRA SVI"
+
+    def __init__(
+        self,
+        model: BoraModel,
+        *,
+        init_global: torch.Tensor,
+        init_tasks: torch.Tensor | None = None,
+        init_scale: float = 1e-3,
+        num_particles: int = 1,
+        lr: float,
+        weight_decay: float = 0.0,
+        tau_update_every: int = 1,
+        tau_warmup: int = 0,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        elbo = TraceMeanField_ELBO(num_particles=num_particles)
+        super().__init__(model, elbo, lr=lr, weight_decay=weight_decay, device=device,
+                         autocast_dtype=autocast_dtype)
+        self.init_global = init_global.to(self.device)
+        self.init_tasks = (
+            init_global.expand(model.num_tasks, -1) if init_tasks is None else init_tasks
+        ).to(self.device)
+        self.init_scale = float(init_scale)
+        self.tau_update_every, self.tau_warmup = max(1, int(tau_update_every)), int(tau_warmup)
+
+    def build_guide(self):
+        return MeanFieldGuide(self.model, self.init_tasks, self.init_global, init_scale=self.init_scale)
+
+    def after_step(self, step: int) -> None:
+        done = step + 1
+        if self.learn and done > self.tau_warmup and (done - self.tau_warmup) % self.tau_update_every == 0:
+            self.tau = variational_em_tau(
+                self.guide.loc.detach(), self.guide.scale.detach(), self.guide.global_loc.detach(),
+                self.model.group_index, prior=self.model.config.tau_prior,
+            )
+
+    @torch.no_grad()
+    def point(self) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = self.guide.loc.detach().float()
+        if self.model.mode == "pooled":
+            return loc.expand(self.model.num_tasks, -1), loc
+        theta_g = self.guide.global_loc.detach().float() if self.guide.global_loc is not None else loc.mean(0)
+        return loc, theta_g
+
+    def snapshot(self):
+        state = super().snapshot()
+        scale = self.guide.scale.detach().float()
+        if self.model.mode == "pooled":
+            scale = scale.expand(self.model.num_tasks, -1)
+        state["task_scales"] = scale.cpu().clone()
+        return state
+
+
+@torch.no_grad()
+def variational_em_tau(
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    global_loc: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    prior: tuple[float, float] = (1.0, 0.0),
+) -> torch.Tensor:
+    """The ELBO-maximising ``[G]`` precisions given ``q`` (see the module docstring).
+
+    ``loc``, ``scale``: ``[D, P]``; ``global_loc``: ``[P]``; ``group_index``: ``[P]``.
+    """
+    D = loc.shape[0]
+    a, b = prior
+    G = int(group_index.max()) + 1
+    expected_sq = ((loc - global_loc).square() + scale.square()).sum(0)  # [P]
+    S = torch.zeros(G, dtype=expected_sq.dtype, device=loc.device).index_add_(0, group_index, expected_sq)
+    counts = torch.bincount(group_index, minlength=G).to(S.dtype)
+    return ((D - 1) * counts + 2 * (a - 1)).clamp_min(1e-12) / (S + 2 * b)
+
+
+def optimise_svi(
+    model: BoraModel,
+    batches: Iterator,
+    *,
+    init_global: torch.Tensor,
+    init_tasks: torch.Tensor | None = None,
+    steps: int,
+    init_scale: float = 1e-3,
+    num_particles: int = 1,
+    lr: float = 1e-3,
+    lr_schedule: str = "cosine",
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    tau_update_every: int = 1,
+    tau_warmup: int = 0,
+    validate: Callable[[torch.Tensor], float] | None = None,
+    eval_every: int | None = None,
+    patience: int | None = None,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> FitState:
+    """Maximise the ELBO of the mean-field guide (and, if learned, the ELBO in tau).
+
+    Parameters are those of `optimise_map`, plus ``init_tasks`` (``[D, P]`` initial locations,
+    e.g. a MAP fit's task adapters; default: ``init_global`` for every task), ``init_scale`` (the
+    initial posterior sd of each entry) and ``num_particles`` (Monte Carlo samples per step).
+    ``validate`` is called with the posterior means.
+    """
+    stepper = SVIStepper(
+        model, init_global=init_global, init_tasks=init_tasks, init_scale=init_scale,
+        num_particles=num_particles, lr=lr, weight_decay=weight_decay,
+        tau_update_every=tau_update_every, tau_warmup=tau_warmup, device=device,
+        autocast_dtype=autocast_dtype,
+    )
+    return run_steps(
+        stepper, batches, steps=steps, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+        validate=validate, eval_every=eval_every, patience=patience, progress=progress,
+    )
