@@ -1,13 +1,13 @@
 """bora_pyro: Bayesian hierarchical LoRA (BoRA) for many related tasks, in Pyro.
 
 One frozen causal LM, one LoRA adapter per task, all tied to a learned global adapter by
-``theta_d ~ Normal(Theta, tau^-1 I)``. Start with `fit_map`.
+``theta_d ~ Normal(Theta, tau^-1 I)``. Start with `fit_map` (MAP) or `fit_svi` (a posterior).
 """
 
 __version__ = "0.1.0"
 
 from .config import BoraConfig
-from .inference import fit_map
+from .inference import fit_map, fit_svi
 from .result import BoraResult, load_result
 
-__all__ = ["BoraConfig", "BoraResult", "fit_map", "load_result", "__version__"]
+__all__ = ["BoraConfig", "BoraResult", "fit_map", "fit_svi", "load_result", "__version__"]

@@ -1,4 +1,4 @@
-"""The ``bora`` command line: ``bora demo`` and ``bora fit``."""
+"""The ``bora`` command line: ``bora demo``, ``bora fit`` and ``bora generate``."""
 
 from __future__ import annotations
 
@@ -136,6 +136,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import bora_pyro
+
+    result = bora_pyro.load_result(args.run_dir, model=args.model, device=args.device)
+    tasks = args.task
+    if len(tasks) not in (1, len(args.prompt)):
+        raise ValueError(
+            f"--task was given {len(tasks)} times for {len(args.prompt)} prompts; give it once "
+            "(for every prompt) or once per --prompt."
+        )
+    tasks = tasks * len(args.prompt) if len(tasks) == 1 else tasks
+    kwargs = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    texts = result.generate(
+        args.prompt, tasks, max_new_tokens=args.max_new_tokens, unseen=args.unseen, seed=args.seed, **kwargs
+    )
+    for task, prompt, text in zip(tasks, args.prompt, texts):
+        print(f"[{task}] {prompt}{text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bora", description="Bayesian hierarchical LoRA (BoRA): one LLM, many related tasks."
@@ -166,6 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--validation-size", type=float, default=0.1)
     _add_training_args(fit, steps=None)
     fit.set_defaults(func=cmd_fit)
+
+    gen = sub.add_parser("generate", help="continue prompts with the adapters of a saved result")
+    gen.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by BoraResult.save (bora fit --out)")
+    gen.add_argument("--task", action="append", required=True, metavar="NAME",
+                     help="task whose adapter to use: once for all prompts or once per --prompt; "
+                          "'<global>' for the global adapter")
+    gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                     help="text to continue (repeat for several prompts, generated in one batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=50)
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0 (default) decodes greedily")
+    gen.add_argument("--unseen", default="error", choices=["error", "global", "sample"],
+                     help="for task names the model was not fitted on: fail (default), use the global "
+                          "adapter, or draw one from the prior")
+    gen.add_argument("--model", default=None,
+                     help="base model to load instead of the recorded one (needed when the fit used a model object)")
+    gen.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', ...")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

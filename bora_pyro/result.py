@@ -14,9 +14,10 @@ from typing import Any
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .config import BoraConfig
-from .evaluation import per_task_nll, perplexity_table
+from .evaluation import per_doc_nll, per_task_nll, perplexity_table, predictive_table
 
 __all__ = ["BoraResult", "load_result"]
 
@@ -57,9 +58,12 @@ class BoraResult:
         How to load the base model again (``"smollm2-135m"``, a path or hub id; ``"<object>"``
         when a model object was given, then `load_result` needs ``model=``).
     method
-        ``"map"``.
+        ``"map"`` or ``"svi"``.
     fit_args
         The training arguments, for the record.
+    task_scales
+        ``[D, P]`` posterior standard deviations of the task adapters (SVI; ``None`` for MAP,
+        whose adapters are points). With SVI, ``task_adapters`` are the posterior means.
     """
 
     tasks: list[str]
@@ -74,6 +78,7 @@ class BoraResult:
     model_spec: str
     method: str = "map"
     fit_args: dict[str, Any] = field(default_factory=dict)
+    task_scales: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         taus = ", ".join(f"{k}={v:.4g}" for k, v in self.tau.items())
@@ -87,8 +92,40 @@ class BoraResult:
         return self.lm.device
 
     def adapter(self, task: str) -> torch.Tensor:
-        """The ``[P]`` adapter of one task, by name."""
+        """The ``[P]`` adapter of one task, by name (the posterior mean under SVI)."""
         return self.task_adapters[self.corpus.task_index(task)]
+
+    def _require_posterior(self, what: str) -> torch.Tensor:
+        if self.task_scales is None:
+            raise ValueError(
+                f"{what} needs a posterior, but this is a {self.method.upper()} result (a point "
+                "estimate); fit it with bora_pyro.fit_svi(..., init=<this result>)."
+            )
+        return self.task_scales
+
+    def sample_adapters(self, num_samples: int, *, seed: int = 0) -> torch.Tensor:
+        """``[num_samples, D, P]`` draws of the task adapters from the (mean-field) posterior."""
+        scales = self._require_posterior("sample_adapters()")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        g = torch.Generator().manual_seed(seed)
+        eps = torch.randn((num_samples, *self.task_adapters.shape), generator=g)
+        return self.task_adapters + scales * eps
+
+    def posterior_summary(self) -> pd.DataFrame:
+        """Per task: training documents, distance of the adapter to the global one (absolute and
+        relative to ``||Theta||``) and, under SVI, the mean posterior sd of its entries."""
+        theta, theta_g = self.task_adapters, self.global_adapter
+        distance = (theta - theta_g).norm(dim=1)
+        df = pd.DataFrame({
+            "task": self.tasks,
+            "n_train": self.corpus.split("train").docs_per_task,
+            "distance": distance.numpy(),
+            "relative_distance": (distance / theta_g.norm().clamp_min(1e-30)).numpy(),
+        })
+        if self.task_scales is not None:
+            df["mean_sd"] = self.task_scales.mean(dim=1).numpy()
+        return df
 
     def evaluate(
         self,
@@ -97,6 +134,7 @@ class BoraResult:
         adapters: str = "tasks",
         batch_size: int | None = None,
         max_docs_per_task: int | None = None,
+        num_samples: int | None = None,
         seed: int = 0,
         progress: bool = False,
     ) -> pd.DataFrame:
@@ -113,12 +151,19 @@ class BoraResult:
             Evaluation batch size (default: the training batch size, times 2).
         max_docs_per_task
             Evaluate on a seeded subset of at most this many documents per task.
+        num_samples
+            SVI only: posterior draws for the posterior-predictive perplexity (default 8 for an
+            SVI result with ``adapters="tasks"``; 0 evaluates at the posterior mean only). Each
+            draw costs one pass over the split.
 
         Returns
         -------
         DataFrame with columns ``task``, ``n_docs``, ``n_tokens``, ``nll`` (per token, nats),
         ``perplexity``; one row per task and a last row ``overall`` (token-weighted, also in
-        ``df.attrs["overall_perplexity"]``).
+        ``df.attrs["overall_perplexity"]``). With posterior draws, ``nll`` and ``perplexity`` are
+        posterior-predictive (per document ``-log mean_s p(doc | theta_s)``) and the columns
+        ``perplexity_at_mean``, ``perplexity_low`` and ``perplexity_high`` (central 95% of the
+        task's perplexity over the draws) are added.
         """
         choices = {"tasks": self.task_adapters, "global": self.global_adapter, "base": None}
         if adapters not in choices:
@@ -126,14 +171,30 @@ class BoraResult:
         data = self.corpus.split(split)
         if max_docs_per_task is not None:
             data = data.subset(max_docs_per_task, seed=seed)
+        if num_samples is None:
+            num_samples = 8 if (self.task_scales is not None and adapters == "tasks") else 0
+        if num_samples and (adapters != "tasks" or self.task_scales is None):
+            raise ValueError(
+                f"num_samples={num_samples} needs an SVI result and adapters='tasks' (this is a "
+                f"{self.method.upper()} result, adapters={adapters!r}); use num_samples=0."
+            )
         batch_size = batch_size or 2 * int(self.fit_args.get("batch_size", 8))
-        autocast = self.fit_args.get("autocast")
-        nll, tokens, docs = per_task_nll(
-            self.lm, choices[adapters], data, num_tasks=len(self.tasks), batch_size=batch_size,
-            device=self.device, autocast_dtype=_autocast_dtype(autocast, self.device),
-            progress=progress,
+        kwargs = dict(
+            batch_size=batch_size, device=self.device,
+            autocast_dtype=_autocast_dtype(self.fit_args.get("autocast"), self.device),
         )
-        return perplexity_table(self.tasks, nll, tokens, docs)
+        if not num_samples:
+            nll, tokens, docs = per_task_nll(
+                self.lm, choices[adapters], data, num_tasks=len(self.tasks), progress=progress, **kwargs
+            )
+            return perplexity_table(self.tasks, nll, tokens, docs)
+        mean_nll, tokens = per_doc_nll(self.lm, self.task_adapters, data, progress=progress, **kwargs)
+        g = torch.Generator().manual_seed(seed)
+        draws = []
+        for _ in tqdm(range(num_samples), desc="posterior draws", disable=not progress, leave=False):
+            theta = self.task_adapters + self.task_scales * torch.randn(self.task_adapters.shape, generator=g)
+            draws.append(per_doc_nll(self.lm, theta, data, **kwargs)[0])
+        return predictive_table(self.tasks, torch.stack(draws), mean_nll, tokens, data.task_ids.cpu())
 
     def history_frame(self) -> pd.DataFrame:
         """The training history as a DataFrame (one row per step; tau per group as columns)."""
@@ -145,12 +206,50 @@ class BoraResult:
                 df[f"tau_{g}"] = [t[i] for t in taus]
         return df
 
+    # -- using the adapters ----------------------------------------------------------------------
+
+    def export_peft(self, directory: str | os.PathLike, **kwargs: Any) -> dict[str, Path]:
+        """Write each task's adapter (and the global one) as a PEFT LoRA folder.
+
+        See `bora_pyro.export.export_peft` (keywords ``tasks``, ``include_global``,
+        ``base_model_name_or_path``). Returns ``{task name: folder}``, ``"<global>"`` included.
+        """
+        from .export import export_peft
+
+        return export_peft(self, directory, **kwargs)
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        task: str | list[str],
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``[N, L, V]`` logits of ``input_ids [N, L]`` with each row's task adapter.
+
+        ``task`` is one name or one per row; ``"<global>"`` is the global adapter. See
+        `bora_pyro.generation.task_logits` (keywords ``unseen``, ``seed``).
+        """
+        from .generation import task_logits
+
+        return task_logits(self, input_ids, task, attention_mask, **kwargs)
+
+    def generate(self, prompts: str | list[str], task: str | list[str], **kwargs: Any) -> list[str]:
+        """Continue each prompt with its task's adapter, all tasks in one batch.
+
+        See `bora_pyro.generation.generate` (``max_new_tokens``, ``unseen``, ``seed`` and Hugging
+        Face generation keywords). Returns one continuation per prompt.
+        """
+        from .generation import generate
+
+        return generate(self, prompts, task, **kwargs)
+
     # -- persistence ----------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, *, include_corpus: bool = True) -> Path:
         """Write the fitted state to a folder (atomically: a temp folder, then a rename).
 
-        Files: ``adapters.safetensors`` (task and global adapters, tau), ``config.json`` (model
+        Files: ``adapters.safetensors`` (task and global adapters, tau, SVI posterior scales), ``config.json`` (model
         config, layout, tasks, base-model spec, fit arguments, library version, sorted keys),
         ``history.json`` and, with ``include_corpus``, the tokenised corpus
         (``corpus.safetensors`` + ``corpus.json``) so that `load_result` can evaluate on the
@@ -166,6 +265,8 @@ class BoraResult:
                     "task_adapters": self.task_adapters.detach().float().contiguous().cpu(),
                     "global_adapter": self.global_adapter.detach().float().contiguous().cpu(),
                     "tau": torch.tensor([self.tau[g] for g in group_names], dtype=torch.float64),
+                    **({} if self.task_scales is None
+                       else {"task_scales": self.task_scales.detach().float().contiguous().cpu()}),
                 },
                 tmp / _ADAPTERS,
             )
@@ -271,6 +372,7 @@ def load_result(
         model_spec=spec_loaded,
         method=meta.get("method", "map"),
         fit_args=meta.get("fit_args", {}),
+        task_scales=tensors.get("task_scales"),
     )
 
 

@@ -1,9 +1,10 @@
-"""`fit_map`: data and base model in, a fitted `BoraResult` out."""
+"""`fit_map` and `fit_svi`: data and base model in, a fitted `BoraResult` out."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -12,9 +13,11 @@ from ..evaluation import per_task_nll
 from ..models.bora import BoraModel, lm_log_likelihood
 from ..models.lora import MultiTaskLM
 from ..result import BoraResult, _autocast_dtype
+from .loop import FitState
 from .map import optimise_map
+from .svi import optimise_svi
 
-__all__ = ["fit_map"]
+__all__ = ["fit_map", "fit_svi"]
 
 
 def fit_map(
@@ -29,6 +32,7 @@ def fit_map(
     rank: int = 8,
     alpha: float = 16.0,
     target_modules: Sequence[str] | None = None,
+    init_adapter: Any = None,
     max_steps: int | None = None,
     epochs: float | None = None,
     batch_size: int = 8,
@@ -81,6 +85,11 @@ def fit_map(
         learned.
     rank, alpha, target_modules
         LoRA shape; ``target_modules=None`` adapts every linear layer of the transformer blocks.
+    init_adapter
+        Where the global adapter and every task adapter start: ``None`` (standard LoRA
+        initialisation, A random and B zero, seeded by ``seed``), a PEFT LoRA adapter folder
+        (read with `bora_pyro.export.load_peft_adapter`; it must match the rank and target
+        modules) or a ``[P]`` tensor.
     max_steps, epochs
         Length of training: ``max_steps`` optimiser steps, else ``epochs`` passes over the
         training documents (default 3).
@@ -112,7 +121,242 @@ def fit_map(
     `BoraResult` with ``tasks``, ``tau``, ``task_adapters [D, P]``, ``global_adapter [P]``,
     ``history``, ``evaluate()``, ``save()``.
     """
+    run = _prepare(
+        data, model=model, tokenizer=tokenizer, tau=tau, precision_groups=precision_groups,
+        tau_prior=tau_prior, tau_init=tau_init, rank=rank, alpha=alpha,
+        target_modules=target_modules, init_adapter=init_adapter, max_steps=max_steps,
+        epochs=epochs, batch_size=batch_size, lr=lr, max_eval_docs_per_task=max_eval_docs_per_task,
+        task_column=task_column, text_column=text_column, prompt_column=prompt_column,
+        completion_column=completion_column, tasks=tasks, max_length=max_length,
+        test_size=test_size, validation_size=validation_size, device=device, autocast=autocast,
+        seed=seed,
+    )
+    state = optimise_map(
+        run.bora,
+        _endless_batches(run.train, batch_size, seed),
+        init_global=run.init_global,
+        steps=run.steps,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        lr_per_tau=lr_per_tau,
+        batch_fraction=batch_size / len(run.train),
+        tau_update_every=tau_update_every or max(1, run.steps // 20),
+        validate=run.validate,
+        eval_every=eval_every or max(1, run.steps // 10),
+        patience=patience,
+        device=run.device,
+        autocast_dtype=run.amp_dtype,
+        progress=progress,
+    )
+    fit_args = {
+        "method": "map", "max_steps": max_steps, "epochs": epochs, "steps": run.steps,
+        "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
+        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "lr_per_tau": lr_per_tau,
+        "eval_every": eval_every, "patience": patience,
+        "max_eval_docs_per_task": max_eval_docs_per_task, "tau_update_every": tau_update_every,
+        "autocast": autocast, "seed": seed,
+    }
+    return run.result(state, "map", fit_args)
+
+
+def fit_svi(
+    data: Any,
+    *,
+    model: Any = "smollm2-135m",
+    tokenizer: Any = None,
+    tau: float | str | dict = "learn",
+    init: BoraResult | None = None,
+    num_particles: int = 1,
+    init_scale: float = 1e-3,
+    max_steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    lr_schedule: str = "cosine",
+    warmup_steps: int = 0,
+    eval_every: int | None = None,
+    patience: int | None = 3,
+    max_eval_docs_per_task: int | None = None,
+    tau_update_every: int = 1,
+    tau_warmup: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **kwargs: Any,
+) -> BoraResult:
+    """Fit BoRA by SVI: a mean-field Normal posterior over every task adapter entry.
+
+    Maximises the ELBO ``E_q[log p(data | theta)] - sum_d KL(q(theta_d) || N(Theta, tau^-1))``
+    with ``q(theta_d) = Normal(mu_d, sigma_d)`` (one location and one softplus-positive scale per
+    entry of the ``[D, P]`` layout), the KL analytic (``TraceMeanField_ELBO``), the likelihood on
+    minibatches scaled by N / B. The global adapter is a point estimate (type-II maximum
+    likelihood); a learned tau is updated by variational EM (`bora_pyro.inference.svi`).
+
+    Parameters
+    ----------
+    data, model, tokenizer, tau
+        As in `fit_map`; ``tau="learn"`` by default.
+    init
+        A `fit_map` result to start from: the guide's locations start at its task adapters, the
+        global adapter at its global adapter, a learned tau at its tau. It must come from the
+        same corpus and model shape.
+    num_particles
+        Monte Carlo samples of the adapters per step (each costs one forward/backward pass).
+    init_scale
+        Initial posterior standard deviation of every entry.
+    tau_update_every, tau_warmup
+        With a learned tau: steps between variational-EM updates (default every step) and steps
+        before the first (default: none, or a fifth of the run when starting from scratch).
+    max_steps, epochs, batch_size, lr, lr_schedule, warmup_steps, eval_every, patience, max_eval_docs_per_task, seed, progress
+        As in `fit_map` (validation uses the posterior means).
+    **kwargs
+        The other data, model and device arguments of `fit_map`: ``precision_groups``,
+        ``tau_prior``, ``tau_init``, ``rank``, ``alpha``, ``target_modules``, ``init_adapter``,
+        ``task_column``, ``text_column``, ``prompt_column``, ``completion_column``, ``tasks``,
+        ``max_length``, ``test_size``, ``validation_size``, ``device``, ``autocast``.
+
+    Returns
+    -------
+    `BoraResult` with ``method="svi"``: ``task_adapters`` are posterior means, ``task_scales``
+    posterior sds; ``sample_adapters(n)`` draws, ``evaluate(num_samples=...)`` gives
+    posterior-predictive perplexities with intervals.
+    """
+    if init is not None:
+        if not isinstance(init, BoraResult):
+            raise ValueError(f"init must be a BoraResult from fit_map, got {type(init).__name__}.")
+        if kwargs.get("rank", init.config.rank) != init.config.rank:
+            raise ValueError(f"rank={kwargs['rank']} differs from the init result's rank={init.config.rank}.")
+        for key in ("rank", "alpha", "target_modules", "precision_groups"):
+            kwargs.setdefault(key, getattr(init.config, key))
+        if not isinstance(data, type(init.corpus)) and data is not init.corpus:
+            # Same data, same split: reuse the corpus the MAP fit was trained on.
+            data = init.corpus
+        if model == "smollm2-135m" and init.model_spec == "<object>":
+            model, tokenizer = init.lm.base_model, init.tokenizer
+    run = _prepare(
+        data, model=model, tokenizer=tokenizer, tau=tau, max_steps=max_steps, epochs=epochs,
+        batch_size=batch_size, lr=lr, max_eval_docs_per_task=max_eval_docs_per_task, seed=seed,
+        **kwargs,
+    )
+    _check_positive_int("num_particles", num_particles)
+    if not (isinstance(init_scale, (int, float)) and init_scale > 0):
+        raise ValueError(f"init_scale must be a positive number, got init_scale={init_scale!r}.")
+    init_global, init_tasks, init_tau = run.init_global, None, None
+    if init is not None:
+        if list(init.tasks) != list(run.corpus.tasks) or init.task_adapters.shape[1] != run.lm.num_params:
+            raise ValueError(
+                "init was fitted on other tasks or another adapter layout; pass the same data and "
+                "model shape (rank, alpha, target_modules) as its fit_map call."
+            )
+        init_global, init_tasks = init.global_adapter, init.task_adapters
+        if run.bora.mode == "learn" and list(init.tau) == run.bora.group_names:
+            values = torch.tensor(list(init.tau.values()))
+            if torch.isfinite(values).all() and (values > 0).all():
+                init_tau = values
+    if tau_warmup is None:
+        tau_warmup = 0 if init is not None else run.steps // 5
+    state = optimise_svi(
+        run.bora,
+        _endless_batches(run.train, batch_size, seed),
+        init_global=init_global,
+        init_tasks=init_tasks,
+        init_tau=init_tau,
+        steps=run.steps,
+        init_scale=init_scale,
+        num_particles=num_particles,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps,
+        tau_update_every=tau_update_every,
+        tau_warmup=tau_warmup,
+        validate=run.validate,
+        eval_every=eval_every or max(1, run.steps // 10),
+        patience=patience,
+        device=run.device,
+        autocast_dtype=run.amp_dtype,
+        progress=progress,
+    )
+    fit_args = {
+        "method": "svi", "max_steps": max_steps, "epochs": epochs, "steps": run.steps,
+        "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
+        "warmup_steps": warmup_steps, "num_particles": num_particles, "init_scale": init_scale,
+        "eval_every": eval_every, "patience": patience,
+        "max_eval_docs_per_task": max_eval_docs_per_task, "tau_update_every": tau_update_every,
+        "tau_warmup": tau_warmup, "autocast": kwargs.get("autocast"), "seed": seed,
+        "init": "fit_map result" if init is not None else None,
+    }
+    return run.result(state, "svi", fit_args)
+
+
+@dataclass
+class _Run:
+    """Everything a fit needs, prepared once: corpus, wrapped model, Pyro model, validation."""
+
+    corpus: Any
+    train: Any
+    lm: MultiTaskLM
+    bora: BoraModel
+    config: BoraConfig
+    tokenizer: Any
+    spec: str
+    init_global: torch.Tensor
+    steps: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    validate: Callable[[torch.Tensor], float] | None
+
+    def result(self, state: FitState, method: str, fit_args: dict) -> BoraResult:
+        fit_args = dict(fit_args, best_step=state.best_step, stopped_early=state.stopped_early)
+        return BoraResult(
+            tasks=list(self.corpus.tasks),
+            task_adapters=state.task_adapters,
+            global_adapter=state.global_adapter,
+            tau=dict(zip(self.bora.group_names, state.tau.tolist())),
+            config=self.config,
+            history=state.history,
+            lm=self.lm,
+            tokenizer=self.tokenizer,
+            corpus=self.corpus,
+            model_spec=self.spec,
+            method=method,
+            fit_args=fit_args,
+            task_scales=state.task_scales,
+        )
+
+
+def _prepare(
+    data: Any,
+    *,
+    model: Any = "smollm2-135m",
+    tokenizer: Any = None,
+    tau: Any = "learn",
+    precision_groups: str = "ab",
+    tau_prior: tuple[float, float] = (1.0, 1e-3),
+    tau_init: float = 1e3,
+    rank: int = 8,
+    alpha: float = 16.0,
+    target_modules: Sequence[str] | None = None,
+    init_adapter: Any = None,
+    max_steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    max_eval_docs_per_task: int | None = None,
+    task_column: str = "task",
+    text_column: str = "text",
+    prompt_column: str | None = None,
+    completion_column: str | None = None,
+    tasks: Sequence[str] | None = None,
+    max_length: int = 256,
+    test_size: float = 0.33,
+    validation_size: float = 0.1,
+    device: str | torch.device = "auto",
+    autocast: str | None = None,
+    seed: int = 0,
+) -> _Run:
     from ..data import TaskCorpus, build_corpus
+    from ..export import initial_adapter
     from ..models.base import load_base_model, resolve_device
 
     config = BoraConfig(
@@ -144,8 +388,7 @@ def fit_map(
         raise ValueError(
             f"batch_size={batch_size} is larger than the {N} training documents; lower it."
         )
-    steps_per_epoch = N // batch_size
-    steps = max_steps if max_steps is not None else max(1, math.ceil((epochs or 3) * steps_per_epoch))
+    steps = max_steps if max_steps is not None else max(1, math.ceil((epochs or 3) * (N // batch_size)))
 
     torch.manual_seed(seed)
     lm = MultiTaskLM(base, rank=rank, alpha=alpha, target_modules=config.target_modules)
@@ -154,7 +397,7 @@ def fit_map(
         lm_log_likelihood(lm), num_tasks=corpus.num_tasks, num_params=lm.num_params, num_docs=N,
         config=config, group_index=group_index, group_names=group_names,
     )
-    init_global = lm.layout.init_global(generator=torch.Generator().manual_seed(seed))
+    init_global = initial_adapter(init_adapter, lm.layout, seed=seed)
 
     validation = corpus.split("validation")
     if max_eval_docs_per_task is not None and len(validation):
@@ -168,47 +411,7 @@ def fit_map(
             )
             return float(nll.sum() / max(1, tokens.sum()))
 
-    state = optimise_map(
-        bora,
-        _endless_batches(train, batch_size, seed),
-        init_global=init_global,
-        steps=steps,
-        lr=lr,
-        lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        lr_per_tau=lr_per_tau,
-        batch_fraction=batch_size / N,
-        tau_update_every=tau_update_every or max(1, steps // 20),
-        validate=validate,
-        eval_every=eval_every or max(1, steps // 10),
-        patience=patience,
-        device=device,
-        autocast_dtype=amp_dtype,
-        progress=progress,
-    )
-    fit_args = {
-        "max_steps": max_steps, "epochs": epochs, "steps": steps, "batch_size": batch_size,
-        "lr": lr, "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
-        "weight_decay": weight_decay, "lr_per_tau": lr_per_tau, "eval_every": eval_every,
-        "patience": patience, "max_eval_docs_per_task": max_eval_docs_per_task,
-        "tau_update_every": tau_update_every, "autocast": autocast, "seed": seed,
-        "best_step": state.best_step, "stopped_early": state.stopped_early,
-    }
-    return BoraResult(
-        tasks=list(corpus.tasks),
-        task_adapters=state.task_adapters,
-        global_adapter=state.global_adapter,
-        tau=dict(zip(group_names, state.tau.tolist())),
-        config=config,
-        history=state.history,
-        lm=lm,
-        tokenizer=tokenizer,
-        corpus=corpus,
-        model_spec=spec,
-        method="map",
-        fit_args=fit_args,
-    )
+    return _Run(corpus, train, lm, bora, config, tokenizer, spec, init_global, steps, device, amp_dtype, validate)
 
 
 def _endless_batches(split, batch_size: int, seed: int) -> Iterator:

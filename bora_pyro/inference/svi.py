@@ -99,6 +99,7 @@ class SVIStepper(Stepper):
         *,
         init_global: torch.Tensor,
         init_tasks: torch.Tensor | None = None,
+        init_tau: torch.Tensor | None = None,
         init_scale: float = 1e-3,
         num_particles: int = 1,
         lr: float,
@@ -116,6 +117,8 @@ class SVIStepper(Stepper):
             init_global.expand(model.num_tasks, -1) if init_tasks is None else init_tasks
         ).to(self.device)
         self.init_scale = float(init_scale)
+        if init_tau is not None and self.learn:
+            self.tau = init_tau.to(self.device, self.tau.dtype).clone()
         self.tau_update_every, self.tau_warmup = max(1, int(tau_update_every)), int(tau_warmup)
 
     def build_guide(self):
@@ -174,6 +177,7 @@ def optimise_svi(
     *,
     init_global: torch.Tensor,
     init_tasks: torch.Tensor | None = None,
+    init_tau: torch.Tensor | None = None,
     steps: int,
     init_scale: float = 1e-3,
     num_particles: int = 1,
@@ -193,12 +197,13 @@ def optimise_svi(
     """Maximise the ELBO of the mean-field guide (and, if learned, the ELBO in tau).
 
     Parameters are those of `optimise_map`, plus ``init_tasks`` (``[D, P]`` initial locations,
-    e.g. a MAP fit's task adapters; default: ``init_global`` for every task), ``init_scale`` (the
-    initial posterior sd of each entry) and ``num_particles`` (Monte Carlo samples per step).
+    e.g. a MAP fit's task adapters; default: ``init_global`` for every task), ``init_tau``
+    (``[G]`` starting value of a learned tau), ``init_scale`` (the initial posterior sd of each
+    entry) and ``num_particles`` (Monte Carlo samples per step).
     ``validate`` is called with the posterior means.
     """
     stepper = SVIStepper(
-        model, init_global=init_global, init_tasks=init_tasks, init_scale=init_scale,
+        model, init_global=init_global, init_tasks=init_tasks, init_tau=init_tau, init_scale=init_scale,
         num_particles=num_particles, lr=lr, weight_decay=weight_decay,
         tau_update_every=tau_update_every, tau_warmup=tau_warmup, device=device,
         autocast_dtype=autocast_dtype,
