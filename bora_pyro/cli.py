@@ -1,4 +1,4 @@
-"""The ``bora`` command line: ``bora demo``, ``bora fit`` and ``bora generate``."""
+"""The ``bora`` command line: ``bora demo``, ``bora fit``, ``bora generate`` and ``bora report``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ DEMO = {
     "target_modules": ["q_proj", "v_proj"],
     "max_length": 128,
     "batch_size": 8,
-    "max_steps": 120,
+    "max_steps": 90,
     "eval_every": 30,
     "lr": 2e-3,
     "eval_docs_per_task": 10,
@@ -156,6 +156,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline(value: str) -> tuple[str, str]:
+    name, sep, path = value.rpartition("=")  # at the last '=', so that names like tau=0 work
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(
+            f"--baseline {value!r} must be NAME=RUN_DIR, e.g. --baseline tau=0=runs/independent."
+        )
+    return name, path
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import bora_pyro
+
+    result = bora_pyro.load_result(args.run_dir, model=args.model, device=args.device)
+    baselines = {
+        name: bora_pyro.load_result(path, model=args.model, device=args.device)
+        for name, path in args.baseline
+    }
+    out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
+    k = None if args.max_docs <= 0 else args.max_docs
+    path = result.report(out, baselines=baselines, split=args.split, max_docs_per_task=k,
+                         seed=args.seed, progress=True)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bora", description="Bayesian hierarchical LoRA (BoRA): one LLM, many related tasks."
@@ -205,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', ...")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    rep = sub.add_parser("report", help="write the uncertainty report (HTML + Markdown) of a saved result")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by BoraResult.save (bora fit --out)")
+    rep.add_argument("--out", default=None, metavar="PATH",
+                     help="the HTML file to write (default RUN_DIR/report.html; the .md goes next to it)")
+    rep.add_argument("--baseline", action="append", default=[], type=_baseline, metavar="NAME=RUN_DIR",
+                     help="a saved fit to compare with, e.g. tau=0=runs/independent (repeatable)")
+    rep.add_argument("--split", default="test", choices=["test", "validation", "train"])
+    rep.add_argument("--max-docs", type=int, default=0,
+                     help="evaluate at most this many documents per task (0 = all; default)")
+    rep.add_argument("--model", default=None,
+                     help="base model to load instead of the recorded one (needed when the fit used a model object)")
+    rep.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', ...")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

@@ -200,7 +200,7 @@ def fit_svi(
     init
         A `fit_map` result to start from: the guide's locations start at its task adapters, the
         global adapter at its global adapter, a learned tau at its tau. It must come from the
-        same corpus and model shape.
+        same tasks and model shape; pass ``data=None`` to reuse its corpus and split.
     num_particles
         Monte Carlo samples of the adapters per step (each costs one forward/backward pass).
     init_scale
@@ -222,6 +222,8 @@ def fit_svi(
     posterior sds; ``sample_adapters(n)`` draws, ``evaluate(num_samples=...)`` gives
     posterior-predictive perplexities with intervals.
     """
+    if data is None and init is None:
+        raise ValueError("data=None is only allowed with init=<a fit_map result> (its corpus is reused).")
     if init is not None:
         if not isinstance(init, BoraResult):
             raise ValueError(f"init must be a BoraResult from fit_map, got {type(init).__name__}.")
@@ -229,8 +231,7 @@ def fit_svi(
             raise ValueError(f"rank={kwargs['rank']} differs from the init result's rank={init.config.rank}.")
         for key in ("rank", "alpha", "target_modules", "precision_groups"):
             kwargs.setdefault(key, getattr(init.config, key))
-        if not isinstance(data, type(init.corpus)) and data is not init.corpus:
-            # Same data, same split: reuse the corpus the MAP fit was trained on.
+        if data is None:  # the corpus (and split) the MAP fit was trained on
             data = init.corpus
         if model == "smollm2-135m" and init.model_spec == "<object>":
             model, tokenizer = init.lm.base_model, init.tokenizer
