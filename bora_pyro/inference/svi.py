@@ -120,15 +120,27 @@ class SVIStepper(Stepper):
         if init_tau is not None and self.learn:
             self.tau = init_tau.to(self.device, self.tau.dtype).clone()
         self.tau_update_every, self.tau_warmup = max(1, int(tau_update_every)), int(tau_warmup)
+        self.average_beta = 0.98
+        self._avg: list[torch.Tensor] | None = None
 
     def build_guide(self):
         return MeanFieldGuide(self.model, self.init_tasks, self.init_global, init_scale=self.init_scale)
 
     def after_step(self, step: int) -> None:
+        if not self.learn:
+            return
+        # Stochastic gradients make the locations jitter around their optimum; that jitter would
+        # count as spread between tasks and bias tau low. The M-step reads moving averages.
+        loc, theta_g = self.guide.loc.detach(), self.guide.global_loc.detach()
+        if self._avg is None:
+            self._avg = [loc.clone(), theta_g.clone()]
+        else:
+            self._avg[0].lerp_(loc, 1 - self.average_beta)
+            self._avg[1].lerp_(theta_g, 1 - self.average_beta)
         done = step + 1
-        if self.learn and done > self.tau_warmup and (done - self.tau_warmup) % self.tau_update_every == 0:
+        if done > self.tau_warmup and (done - self.tau_warmup) % self.tau_update_every == 0:
             self.tau = variational_em_tau(
-                self.guide.loc.detach(), self.guide.scale.detach(), self.guide.global_loc.detach(),
+                self._avg[0], self.guide.scale.detach(), self._avg[1],
                 self.model.group_index, prior=self.model.config.tau_prior,
             )
 
