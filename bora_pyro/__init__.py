@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from .config import BoraConfig
 from .inference import fit_map, fit_svi
+from .reports import to_inference_data
 from .result import BoraResult, load_result
 
-__all__ = ["BoraConfig", "BoraResult", "fit_map", "fit_svi", "load_result", "__version__"]
+__all__ = ["BoraConfig", "BoraResult", "fit_map", "fit_svi", "load_result", "to_inference_data", "__version__"]

@@ -127,6 +127,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         test_size=args.test_size, validation_size=args.validation_size,
         device=args.device, autocast=args.autocast, seed=args.seed,
     )
+    if args.method == "svi":
+        print(f"MAP fit done ({result}); now SVI from it.")
+        result = bora_pyro.fit_svi(
+            None, init=result, max_steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, device=args.device, autocast=args.autocast, seed=args.seed,
+        )
     print(result)
     if args.test_size > 0:
         df = result.evaluate("test", progress=True)
@@ -177,8 +183,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     }
     out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
     k = None if args.max_docs <= 0 else args.max_docs
+    fisher_k = None if args.fisher_docs <= 0 else args.fisher_docs
     path = result.report(out, baselines=baselines, split=args.split, max_docs_per_task=k,
-                         seed=args.seed, progress=True)
+                         fisher_max_docs_per_task=fisher_k, seed=args.seed, progress=True)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 
@@ -211,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--completion-column", default=None)
     fit.add_argument("--test-size", type=float, default=0.33)
     fit.add_argument("--validation-size", type=float, default=0.1)
+    fit.add_argument("--method", default="map", choices=["map", "svi"],
+                     help="map (default), or svi: a MAP fit, then a mean-field posterior started from it")
     _add_training_args(fit, steps=None)
     fit.set_defaults(func=cmd_fit)
 
@@ -242,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--split", default="test", choices=["test", "validation", "train"])
     rep.add_argument("--max-docs", type=int, default=0,
                      help="evaluate at most this many documents per task (0 = all; default)")
+    rep.add_argument("--fisher-docs", type=int, default=0,
+                     help="MAP: training documents per task for the Fisher estimate behind the shrinkage "
+                          "(one backward each; 0 = all, the default)")
     rep.add_argument("--model", default=None,
                      help="base model to load instead of the recorded one (needed when the fit used a model object)")
     rep.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', ...")

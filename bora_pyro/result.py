@@ -244,6 +244,28 @@ class BoraResult:
 
         return generate(self, prompts, task, **kwargs)
 
+    # -- reports --------------------------------------------------------------------------------
+
+    def to_inference_data(self, **kwargs: Any) -> Any:
+        """This result as ``arviz.InferenceData`` (``task`` a named dimension): tau, per-task
+        distance to the global adapter, shrinkage and held-out fit.
+
+        See `bora_pyro.reports.to_inference_data` (keywords ``split``, ``num_samples``,
+        ``predictive_samples``, ``max_docs_per_task``, ``fisher``, ``fisher_max_docs_per_task``,
+        ``seed``).
+        """
+        from .reports.arviz import to_inference_data
+
+        return to_inference_data(self, **kwargs)
+
+    def report(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write the uncertainty report (self-contained HTML and a Markdown summary); returns the
+        HTML path. See `bora_pyro.reports.write_report` (keywords ``baselines``, ``split``,
+        ``max_docs_per_task``, ``n_bins``, ...)."""
+        from .reports.html import write_report
+
+        return write_report(self, path, **kwargs)
+
     # -- persistence ----------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, *, include_corpus: bool = True) -> Path:

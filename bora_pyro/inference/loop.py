@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -37,7 +38,8 @@ class FitState:
     history
         Lists per step: ``step``, ``loss`` (the negative ELBO / log joint estimate, per
         training document), ``train_nll`` (per scored token, of the batch), ``val_nll`` (per
-        token; NaN when not evaluated), ``tau`` (list per group).
+        token; NaN when not evaluated), ``tau`` (list per group), ``seconds`` (wall time of the
+        optimiser step, tau update included; loss.item() synchronises a GPU, so it is exact).
     best_step
         Step whose state was kept (best validation value with early stopping, else the last).
     """
@@ -189,7 +191,9 @@ def run_steps(
     model = stepper.model
     first = next(batches).to(stepper.device)
     stepper.setup(first)
-    history: dict[str, list] = {"step": [], "loss": [], "train_nll": [], "val_nll": [], "tau": []}
+    history: dict[str, list] = {
+        "step": [], "loss": [], "train_nll": [], "val_nll": [], "tau": [], "seconds": [],
+    }
     best_value, best_state, best_step = math.inf, None, 0
     bad_evals, stopped_early = 0, False
     bar = tqdm(range(steps), desc=stepper.name, disable=not progress, dynamic_ncols=True)
@@ -197,8 +201,10 @@ def run_steps(
     for step in bar:
         if step > 0:
             batch = next(batches).to(stepper.device)
+        started = time.perf_counter()
         loss = stepper.step(batch, lr_factor(lr_schedule, step, steps, warmup_steps))
         stepper.after_step(step)
+        history["seconds"].append(time.perf_counter() - started)
         n_tokens = _scored_tokens(batch)
         train_nll = model.last_nll / n_tokens if n_tokens else math.nan
         history["step"].append(step)

@@ -1,0 +1,338 @@
+"""The uncertainty report: one self-contained HTML file (figures embedded as PNG) and a Markdown
+summary next to it."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from .arviz import import_arviz, to_inference_data
+from .calibration import calibration_per_task
+from .plots import (
+    perplexity_frame,
+    plot_distance_vs_size,
+    plot_perplexity,
+    plot_reliability,
+    plot_shrinkage_forest,
+    plot_tau,
+)
+
+__all__ = ["write_report", "SECTIONS"]
+
+#: ``(id, heading)`` of the report's sections, in order.
+SECTIONS = (
+    ("tau", "Precision tau"),
+    ("shrinkage", "Shrinkage per task"),
+    ("distance", "Distance to the global adapter vs training size"),
+    ("perplexity", "Held-out perplexity per task"),
+    ("calibration", "Calibration of next-token predictions"),
+    ("tasks", "Per-task table"),
+)
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+       max-width: 1100px; margin: 2em auto; padding: 0 1.2em; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+.meta { color: #555; font-size: 0.92em; }
+.meta td { padding: 0.1em 1.2em 0.1em 0; }
+figure { margin: 0.8em 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+p.read { color: #444; font-size: 0.95em; }
+table.tasks { border-collapse: collapse; font-size: 0.88em; margin-top: 0.6em; }
+table.tasks th, table.tasks td { border-bottom: 1px solid #e4e4e4; padding: 0.25em 0.7em; text-align: right; }
+table.tasks th { background: #f4f6f9; position: sticky; top: 0; }
+table.tasks td:first-child, table.tasks th:first-child { text-align: left; }
+table.tasks tr.overall td { font-weight: 600; border-top: 2px solid #bbb; }
+nav a { margin-right: 1em; font-size: 0.92em; }
+code { background: #f4f4f4; padding: 0 0.2em; }
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(fig, alt: str) -> str:
+    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+            "</figure>")
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–" if x is None or math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return f"{x:.{digits}g}" if abs(x) >= 1e4 or (x != 0 and abs(x) < 1e-3) else f"{x:.{digits}f}"
+
+
+def _report_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        return path / "report.html"
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(
+            f"path={str(path)!r} must end in .html (the Markdown summary goes next to it, .md) "
+            "or be an existing folder (then report.html is written in it)."
+        )
+    return path
+
+
+def task_table(idata, calibration, baseline_frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per task (fewest training documents first) and a last row ``overall``.
+
+    Columns: ``task``, ``train_docs``, ``train_tokens``, ``eval_docs``, ``shrinkage``,
+    ``relative_distance`` (at the posterior mean under SVI), ``perplexity`` (and ``ppl_low`` /
+    ``ppl_high`` under SVI), one ``ppl <name>`` per baseline, ``top1_accuracy`` and ``ece``.
+    """
+    post, cd = idata.posterior, idata.constant_data
+    tasks = [str(t) for t in cd["task"].values]
+    first = dict(chain=0, draw=0)
+    rel_name = "relative_distance_at_mean" if "relative_distance_at_mean" in post else "relative_distance"
+    ppl = perplexity_frame(idata)
+    cal = calibration.table().set_index("task")
+    df = pd.DataFrame({
+        "task": tasks,
+        "train_docs": cd["n_train_docs"].values,
+        "train_tokens": cd["n_train_tokens"].values,
+        "eval_docs": cd["n_eval_docs"].values,
+        "shrinkage": post["shrinkage"].isel(**first).values,
+        "relative_distance": post[rel_name].isel(**first).values,
+        "perplexity": ppl.loc[tasks, "perplexity"].to_numpy(),
+    })
+    if ppl["low"].notna().all():
+        df["ppl_low"] = ppl.loc[tasks, "low"].to_numpy()
+        df["ppl_high"] = ppl.loc[tasks, "high"].to_numpy()
+    for name, frame in baseline_frames.items():
+        df[f"ppl {name}"] = frame.loc[tasks, "perplexity"].to_numpy()
+    df["top1_accuracy"] = cal.loc[tasks, "accuracy"].to_numpy()
+    df["ece"] = cal.loc[tasks, "ece"].to_numpy()
+    df = df.sort_values("train_docs", kind="stable").reset_index(drop=True)
+    overall = {c: np.nan for c in df.columns}
+    overall.update({
+        "task": "overall", "train_docs": int(df["train_docs"].sum()), "train_tokens": int(df["train_tokens"].sum()),
+        "eval_docs": int(df["eval_docs"].sum()), "perplexity": ppl.attrs["overall"],
+        "top1_accuracy": cal.loc["overall", "accuracy"], "ece": cal.loc["overall", "ece"],
+    })
+    for name, frame in baseline_frames.items():
+        overall[f"ppl {name}"] = frame.attrs["overall"]
+    return pd.concat([df, pd.DataFrame([overall])], ignore_index=True)
+
+
+_HEADERS = {
+    "task": "task", "train_docs": "train docs", "train_tokens": "train tokens", "eval_docs": "{split} docs",
+    "shrinkage": "shrinkage", "relative_distance": "rel. distance", "perplexity": "perplexity",
+    "ppl_low": "ppl 2.5%", "ppl_high": "ppl 97.5%", "top1_accuracy": "top-1 acc.", "ece": "ECE",
+}
+
+
+def _cells(row: pd.Series) -> list[str]:
+    out = []
+    for col, v in row.items():
+        if col == "task":
+            out.append(str(v))
+        elif col in ("train_docs", "train_tokens", "eval_docs"):
+            out.append(f"{int(v):,}")
+        elif isinstance(v, (float, np.floating)) and math.isnan(v):
+            out.append("")
+        elif col.startswith("ppl") or col == "perplexity":
+            out.append(f"{v:.2f}")
+        else:
+            out.append(_fmt(float(v), 4 if col in ("shrinkage",) else 3))
+    return out
+
+
+def _html_table(df: pd.DataFrame, split: str) -> str:
+    head = "".join(f"<th>{html.escape(_HEADERS.get(c, c).format(split=split))}</th>" for c in df.columns)
+    rows = []
+    for _, row in df.iterrows():
+        cls = ' class="overall"' if row["task"] == "overall" else ""
+        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(row)) + "</tr>")
+    return f'<table class="tasks"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _md_table(df: pd.DataFrame, split: str) -> str:
+    head = [_HEADERS.get(c, c).format(split=split) for c in df.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if c == "task" else "---:" for c in df.columns) + "|"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row)) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    result,
+    path: str | os.PathLike,
+    *,
+    baselines: Mapping[str, Any] | None = None,
+    split: str = "test",
+    max_docs_per_task: int | None = None,
+    num_samples: int | None = None,
+    predictive_samples: int = 8,
+    fisher: Any = None,
+    fisher_max_docs_per_task: int | None = None,
+    n_bins: int = 15,
+    title: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
+    """Write the uncertainty report of a fitted result: ``path`` (HTML) and ``path.md``.
+
+    Sections (see `SECTIONS`): the precision tau; a forest plot of per-task shrinkage sorted by
+    training size; distance to the global adapter vs training size; per-task held-out
+    perplexity with intervals (SVI) beside the baselines; calibration of next-token predictions
+    (ECE with ``n_bins`` bins per task, reliability diagram); a per-task table. The HTML file
+    is self-contained (figures are base64 PNG); the Markdown file holds the text and tables.
+
+    Parameters
+    ----------
+    result
+        A `BoraResult`.
+    path
+        The HTML file (``.html``), or an existing folder (then ``report.html`` in it).
+    baselines
+        ``{name: result}`` to compare with, typically ``{"tau=0": independent, "tau=inf":
+        pooled}`` fitted on the same corpus; results, InferenceData or `BoraResult.evaluate`
+        DataFrames.
+    split, max_docs_per_task, seed
+        Held-out split and optional per-task subset for perplexity and calibration (the same
+        documents for the result and the baselines).
+    num_samples, predictive_samples, fisher, fisher_max_docs_per_task
+        As in `to_inference_data`.
+    n_bins
+        Confidence bins of the ECE.
+    title
+        Heading of the report.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    The path of the HTML file.
+    """
+    out = _report_path(path)
+    az = import_arviz()
+    idata = to_inference_data(
+        result, split=split, num_samples=num_samples, predictive_samples=predictive_samples,
+        max_docs_per_task=max_docs_per_task, fisher=fisher, fisher_max_docs_per_task=fisher_max_docs_per_task,
+        seed=seed, progress=progress,
+    )
+    frames: dict[str, pd.DataFrame] = {}
+    for name, base in (baselines or {}).items():
+        if not isinstance(base, (az.InferenceData, pd.DataFrame)):
+            base = base.evaluate(split, max_docs_per_task=max_docs_per_task, seed=seed, progress=progress)
+        frames[str(name)] = base
+    calibration = calibration_per_task(
+        result, split, max_docs_per_task=max_docs_per_task, n_bins=n_bins, seed=seed, progress=progress
+    )
+    frames_idx = {name: perplexity_frame(f) for name, f in frames.items()}
+    table = task_table(idata, calibration, frames_idx)
+
+    method = result.method.upper()
+    D, P = result.task_adapters.shape
+    mode = result.config.mode
+    taus = ", ".join(f"{g} = {float(v):.4g}" for g, v in result.tau.items())
+    subset = "all documents" if max_docs_per_task is None else f"at most {max_docs_per_task} documents per task"
+    n_draws = idata.posterior.sizes["draw"]
+    title = title or f"BoRA report: {D} tasks, {method}"
+    tau_src = {
+        "learn": ("learned by empirical Bayes (variational EM under SVI, the evidence fixed point under "
+                  "MAP): a point estimate, not a posterior"),
+        "fixed": "fixed by the user",
+        "independent": "tau = 0: independent task adapters",
+        "pooled": "tau = inf: one adapter shared by all tasks",
+    }[mode]
+    shrink_src = (
+        "the posterior variances of the mean-field guide: shrinkage_d = mean_i tau_g(i) σ_di²"
+        if result.task_scales is not None else
+        "a diagonal empirical Fisher h (summed squared per-document gradients of the training "
+        "log-likelihood at the MAP): shrinkage_d = mean_i tau_g(i) / (h_di + tau_g(i))"
+    )
+    ppl_note = (
+        f"Posterior-predictive perplexity over {int(idata.heldout.attrs['predictive_samples'])} "
+        "posterior draws, with the central 95% of the task's perplexity over the draws."
+        if result.task_scales is not None else "Perplexity of the MAP adapters (a point estimate: no interval)."
+    )
+    base_note = (f" Baselines: {', '.join(frames)}." if frames else
+                 " No baselines were given (pass e.g. {'tau=0': r0, 'tau=inf': rinf} to compare).")
+    texts = {
+        "tau": (f"tau is the prior precision of one adapter entry around the global adapter "
+                f"(θ_d ~ N(Θ, 1/tau)); here {tau_src}: {taus}. Large tau pulls tasks together."),
+        "shrinkage": (f"The share of each task's posterior precision that comes from the prior, from "
+                      f"{shrink_src}. 0 = the task's own data decide its adapter, 1 = fully pooled. "
+                      "It should fall as the training size grows. A mean over all "
+                      f"{P:,} adapter entries: entries the data barely touch count as pooled, so values near 1 "
+                      "are usual; compare tasks with each other."),
+        "distance": ("‖θ_d − Θ‖ / ‖Θ‖ against the number of training documents (log scale): tasks with little "
+                     "data should stay near the global adapter, tasks with much data move away."
+                     + (" Distances of the posterior means. (The InferenceData also holds the distance per "
+                        f"posterior draw, {n_draws} draws; a draw's squared distance adds about Σ_i σ_di² to the "
+                        "mean's, so those mostly measure the posterior spread.)"
+                        if result.task_scales is not None else " MAP point estimates.")),
+        "perplexity": f"On the {split} split ({subset}). {ppl_note}{base_note}",
+        "calibration": (f"Top-1 next-token predictions on the {split} split: expected calibration error "
+                        f"with {n_bins} equal-width confidence bins, ECE = Σ_b (n_b/N) |acc_b − conf_b|, per task "
+                        "in the table below. Bars under the diagonal are over-confident."
+                        + (" Posterior-mean adapters." if result.task_scales is not None else "")),
+        "tasks": ("Tasks from the fewest training documents to the most. Shrinkage: share of the posterior "
+                  "precision from the prior; rel. distance: ‖θ_d − Θ‖ / ‖Θ‖"
+                  + (" of the posterior mean" if result.task_scales is not None else "")
+                  + f"; perplexity on the {split} split"
+                  + (" (posterior-predictive, with the 2.5% and 97.5% points over posterior draws)"
+                     if result.task_scales is not None else "")
+                  + (", beside the baselines" if frames else "")
+                  + f"; top-1 accuracy and ECE ({n_bins} bins) of next-token predictions."),
+    }
+    figures = {
+        "tau": (plot_tau(idata, history=result.history), "tau per precision group"),
+        "shrinkage": (plot_shrinkage_forest(idata), "forest plot of shrinkage per task"),
+        "distance": (plot_distance_vs_size(idata), "distance to the global adapter vs training documents"),
+        "perplexity": (plot_perplexity(idata, frames or None), "held-out perplexity per task"),
+        "calibration": (plot_reliability(calibration), "reliability diagram"),
+    }
+    meta = [
+        ("method", f"{method} ({'posterior means and sds' if result.task_scales is not None else 'point estimates'})"),
+        ("tasks", f"{D}"), ("adapter entries P", f"{P:,} (rank {result.config.rank}, alpha {result.config.alpha:g})"),
+        ("tau", f"{taus} ({mode})"), ("base model", str(result.model_spec)),
+        ("evaluated on", f"{split} split, {subset}"),
+        ("written", f"{_dt.datetime.now():%Y-%m-%d %H:%M} by bora_pyro {__version__}"),
+    ]
+    nav = "".join(f'<a href="#{sid}">{html.escape(head)}</a>' for sid, head in SECTIONS)
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        '<table class="meta">' + "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in meta) + "</table>",
+        f"<nav>{nav}</nav>",
+    ]
+    for sid, head in SECTIONS:
+        parts.append(f'<section id="{sid}"><h2>{html.escape(head)}</h2>')
+        parts.append(f'<p class="read">{html.escape(texts[sid])}</p>')
+        if sid in figures:
+            fig, alt = figures[sid]
+            parts.append(_figure(fig, alt))
+        else:
+            parts.append(_html_table(table, split))
+        parts.append("</section>")
+    parts.append("</body></html>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts), encoding="utf-8")
+
+    md = [f"# {title}", ""]
+    md += [f"- **{k}**: {v}" for k, v in meta]
+    md += ["", f"Figures are in [{out.name}]({out.name}).", ""]
+    for sid, head in SECTIONS:
+        md += [f"## {head}", "", texts[sid], ""]
+    md += [_md_table(table, split), ""]
+    out.with_suffix(".md").write_text("\n".join(md), encoding="utf-8")
+    return out
