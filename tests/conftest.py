@@ -8,10 +8,17 @@ from bora_pyro.testing import char_tokenizer, tiny_causal_lm
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_validate():
+def _seed_validate_and_threads(request):
+    """Fixed seeds, Pyro validation on, and one thread for the tiny models (their ops are too
+    small to share; two threads per op only cost synchronisation). The real default model keeps
+    torch's default."""
     pyro.set_rng_seed(0)
     pyro.enable_validation(True)
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("default_model") is None:
+        torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -13,6 +15,7 @@ from ..evaluation import per_task_nll
 from ..models.bora import BoraModel, lm_log_likelihood
 from ..models.lora import MultiTaskLM
 from ..result import BoraResult, _autocast_dtype
+from .checkpoint import Checkpointing, make_checkpointing
 from .loop import FitState
 from .map import optimise_map
 from .svi import optimise_svi
@@ -57,6 +60,9 @@ def fit_map(
     autocast: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | os.PathLike | None = None,
 ) -> BoraResult:
     """Fit BoRA by MAP: each task's LoRA adapter tied to a global one by a Gaussian prior.
 
@@ -115,6 +121,24 @@ def fit_map(
         Seeds the adapter initialisation, the split and the minibatch order.
     progress
         Show a progress bar.
+    checkpoint_dir, checkpoint_every
+        Write a checkpoint to ``checkpoint_dir/step-XXXXXXXX`` every ``checkpoint_every`` steps
+        (default: 10 per run), at the last step and on early stopping, keeping only the newest.
+        It holds everything needed to continue exactly: the adapters (guide parameters), the
+        AdamW state, tau and its running statistics, the RNG states (torch, which Pyro samples
+        with, numpy, Python, and the minibatch order), the step, the history and the best
+        snapshot of early stopping; tensors in ``state.safetensors``, the rest in
+        ``checkpoint.json`` (no pickle). Each is written to a temporary folder and renamed into
+        place, so a process killed at any moment leaves the previous complete checkpoint. The
+        folder must not hold another run's checkpoints. Off by default (nothing extra per step).
+    resume
+        A ``checkpoint_dir`` of an interrupted run (its newest checkpoint is used) or one of
+        its ``step-XXXXXXXX`` folders: the run continues from there and ends with the same
+        result as an uninterrupted run (bit-identical on the CPU). Pass the same data, model and
+        settings; a checkpoint written with other settings (steps, batch size, tau, data,
+        method, ...) is a ``ValueError`` listing the differences. Checkpoints continue to be
+        written to its folder (or to ``checkpoint_dir``) every ``checkpoint_every`` steps
+        (default: as in the interrupted run).
 
     Returns
     -------
@@ -131,6 +155,14 @@ def fit_map(
         test_size=test_size, validation_size=validation_size, device=device, autocast=autocast,
         seed=seed,
     )
+    fit_args = {
+        "method": "map", "max_steps": max_steps, "epochs": epochs, "steps": run.steps,
+        "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
+        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "lr_per_tau": lr_per_tau,
+        "eval_every": eval_every, "patience": patience,
+        "max_eval_docs_per_task": max_eval_docs_per_task, "tau_update_every": tau_update_every,
+        "autocast": autocast, "seed": seed,
+    }
     state = optimise_map(
         run.bora,
         _endless_batches(run.train, batch_size, seed),
@@ -149,15 +181,8 @@ def fit_map(
         device=run.device,
         autocast_dtype=run.amp_dtype,
         progress=progress,
+        checkpointing=_checkpointing(run, fit_args, checkpoint_dir, checkpoint_every, resume),
     )
-    fit_args = {
-        "method": "map", "max_steps": max_steps, "epochs": epochs, "steps": run.steps,
-        "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
-        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "lr_per_tau": lr_per_tau,
-        "eval_every": eval_every, "patience": patience,
-        "max_eval_docs_per_task": max_eval_docs_per_task, "tau_update_every": tau_update_every,
-        "autocast": autocast, "seed": seed,
-    }
     return run.result(state, "map", fit_args)
 
 
@@ -183,6 +208,9 @@ def fit_svi(
     tau_warmup: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> BoraResult:
     """Fit BoRA by SVI: a mean-field Normal posterior over every task adapter entry.
@@ -210,6 +238,12 @@ def fit_svi(
         before the first (default: none, or a fifth of the run when starting from scratch).
     max_steps, epochs, batch_size, lr, lr_schedule, warmup_steps, eval_every, patience, max_eval_docs_per_task, seed, progress
         As in `fit_map` (validation uses the posterior means).
+    checkpoint_dir, checkpoint_every, resume
+        Checkpoints that survive a kill, and continuing from one, as in `fit_map`; a checkpoint
+        also holds the guide's posterior scales and the moving averages of the tau M-step, and
+        the restored torch RNG makes the resumed Monte Carlo draws those of an uninterrupted
+        run. Resuming a run started from ``init`` needs the same ``init`` again (its corpus,
+        model and settings; the adapters themselves come from the checkpoint).
     **kwargs
         The other data, model and device arguments of `fit_map`: ``precision_groups``,
         ``tau_prior``, ``tau_init``, ``rank``, ``alpha``, ``target_modules``, ``init_adapter``,
@@ -257,6 +291,15 @@ def fit_svi(
                 init_tau = values
     if tau_warmup is None:
         tau_warmup = 0 if init is not None else run.steps // 5
+    fit_args = {
+        "method": "svi", "max_steps": max_steps, "epochs": epochs, "steps": run.steps,
+        "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
+        "warmup_steps": warmup_steps, "num_particles": num_particles, "init_scale": init_scale,
+        "eval_every": eval_every, "patience": patience,
+        "max_eval_docs_per_task": max_eval_docs_per_task, "tau_update_every": tau_update_every,
+        "tau_warmup": tau_warmup, "autocast": kwargs.get("autocast"), "seed": seed,
+        "init": "fit_map result" if init is not None else None,
+    }
     state = optimise_svi(
         run.bora,
         _endless_batches(run.train, batch_size, seed),
@@ -277,16 +320,8 @@ def fit_svi(
         device=run.device,
         autocast_dtype=run.amp_dtype,
         progress=progress,
+        checkpointing=_checkpointing(run, fit_args, checkpoint_dir, checkpoint_every, resume),
     )
-    fit_args = {
-        "method": "svi", "max_steps": max_steps, "epochs": epochs, "steps": run.steps,
-        "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
-        "warmup_steps": warmup_steps, "num_particles": num_particles, "init_scale": init_scale,
-        "eval_every": eval_every, "patience": patience,
-        "max_eval_docs_per_task": max_eval_docs_per_task, "tau_update_every": tau_update_every,
-        "tau_warmup": tau_warmup, "autocast": kwargs.get("autocast"), "seed": seed,
-        "init": "fit_map result" if init is not None else None,
-    }
     return run.result(state, "svi", fit_args)
 
 
@@ -415,12 +450,74 @@ def _prepare(
     return _Run(corpus, train, lm, bora, config, tokenizer, spec, init_global, steps, device, amp_dtype, validate)
 
 
-def _endless_batches(split, batch_size: int, seed: int) -> Iterator:
+def _endless_batches(split, batch_size: int, seed: int) -> _EndlessBatches:
     """Shuffled epochs over the training documents, mixing tasks; full batches only, so that
     every minibatch is a uniform random subset of B documents (the N / B scaling is unbiased)."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield from split.batches(batch_size, shuffle=True, generator=generator, drop_last=True)
+    return _EndlessBatches(split, batch_size, seed)
+
+
+class _EndlessBatches:
+    """The iterator of `_endless_batches`, with a ``state_dict`` for checkpoints: the generator's
+    state when the current epoch's order was drawn, and the batches taken from that epoch."""
+
+    def __init__(self, split, batch_size: int, seed: int):
+        self.split, self.batch_size = split, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._epoch: Iterator | None = None
+        self._epoch_start: torch.Tensor | None = None
+        self._position = 0
+
+    def _new_epoch(self) -> None:
+        self._epoch_start = self.generator.get_state()
+        self._epoch = self.split.batches(
+            self.batch_size, shuffle=True, generator=self.generator, drop_last=True,
+        )
+        self._position = 0
+
+    def __iter__(self) -> _EndlessBatches:
+        return self
+
+    def __next__(self):
+        if self._epoch is None:
+            self._new_epoch()
+        batch = next(self._epoch, None)
+        while batch is None:  # the epoch is over: draw the next order
+            self._new_epoch()
+            batch = next(self._epoch, None)
+        self._position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """``generator`` (uint8 state at the start of the current epoch) and ``position``."""
+        start = self._epoch_start if self._epoch is not None else self.generator.get_state()
+        return {"generator": start, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where `state_dict` was taken: redraw that epoch's order, skip what was taken."""
+        self.generator.set_state(state["generator"])
+        self._new_epoch()
+        for _ in range(int(state["position"])):
+            next(self._epoch, None)
+        self._position = int(state["position"])
+
+
+def _checkpointing(
+    run: _Run, fit_args: dict, checkpoint_dir: Any, checkpoint_every: Any, resume: Any,
+) -> Checkpointing | None:
+    """The run's checkpoint plan; its settings (compared on resume) are the fit arguments, the
+    model config, the tasks, the adapter size and a digest of the training documents."""
+    if checkpoint_dir is None and checkpoint_every is None and resume is None:
+        return None
+    tensors, _ = run.corpus.state_dict()
+    digest = hashlib.sha256()
+    for key in sorted(k for k in tensors if k.startswith("train.")):
+        digest.update(key.encode())
+        digest.update(tensors[key].numpy().tobytes())
+    settings = {
+        **fit_args, "config": run.config.to_dict(), "model": run.spec, "tasks": list(run.corpus.tasks),
+        "num_params": run.lm.num_params, "train_docs": len(run.train), "train_sha256": digest.hexdigest(),
+    }
+    return make_checkpointing(checkpoint_dir, checkpoint_every, resume, steps=run.steps, settings=settings)
 
 
 def _check_positive_int(name: str, value: Any) -> None:

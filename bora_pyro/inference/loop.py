@@ -7,7 +7,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pyro
 import torch
@@ -15,6 +15,9 @@ from pyro.infer import ELBO
 from tqdm.auto import tqdm
 
 from ..models.bora import BoraModel
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpointing
 
 __all__ = ["FitState", "Stepper", "run_steps", "initial_tau", "lr_factor"]
 
@@ -81,7 +84,8 @@ class Stepper:
     """One inference method: a guide, an ELBO and an AdamW optimiser over the guide's parameters.
 
     Subclasses build the guide (`build_guide`) and may update tau after each step
-    (`after_step`); `snapshot` returns the current state as CPU tensors.
+    (`after_step`); `snapshot` returns the current state as CPU tensors; `state_dict` and
+    `load_state_dict` carry everything that evolves during a run (for checkpoints).
     """
 
     #: Name shown on the progress bar.
@@ -159,6 +163,43 @@ class Stepper:
         """``([D, P], [P])``: the task adapters and global adapter to evaluate (MAP / means)."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue exactly: guide parameters, optimiser state, tau.
+
+        Returns
+        -------
+        dict
+            ``guide`` (``{name: tensor}`` of the guide's parameters), ``optimizer`` (AdamW's
+            ``state_dict``), ``tau`` (``[G]``); subclasses add their running statistics. The
+            tensors are the live ones, not copies.
+        """
+        return {
+            "guide": {name: p.detach() for name, p in self.guide.named_parameters()},
+            "optimizer": self.optimizer.state_dict(),
+            "tau": self.tau,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict` (possibly read back from JSON) after `setup`."""
+        params = dict(self.guide.named_parameters())
+        saved = state["guide"]
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        saved_shapes = {n: tuple(t.shape) for n, t in saved.items()}
+        if shapes != saved_shapes:
+            raise ValueError(
+                f"The checkpoint's guide parameters {saved_shapes} do not match this model's "
+                f"{shapes}; resume with the model, data and settings of the interrupted run."
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        optim = state["optimizer"]
+        self.optimizer.load_state_dict({
+            "state": {int(k): v for k, v in optim["state"].items()},  # JSON made the keys strings
+            "param_groups": [dict(g, betas=tuple(g["betas"])) for g in optim["param_groups"]],
+        })
+        self.tau = state["tau"].to(self.device, self.tau.dtype).clone()
+
     def snapshot(self) -> dict[str, torch.Tensor | None]:
         theta, theta_g = self.point()
         return {
@@ -180,15 +221,23 @@ def run_steps(
     eval_every: int | None = None,
     patience: int | None = None,
     progress: bool = True,
+    checkpointing: Checkpointing | None = None,
 ) -> FitState:
     """Run ``steps`` optimiser steps of ``stepper`` on ``batches``, validating and keeping the best.
 
     ``validate(task_adapters [D, P]) -> NLL per token`` runs every ``eval_every`` steps and at the
     end; the state with the lowest value is returned, and after ``patience`` evaluations without
     improvement the run stops early.
+
+    With ``checkpointing`` (see `bora_pyro.inference.checkpoint`) the full state is written every
+    ``checkpointing.every`` steps, at the last step and on early stopping; ``batches`` must then
+    have ``state_dict`` / ``load_state_dict``. With ``checkpointing.resume`` the run continues
+    after the resumed checkpoint's step, exactly as it would have without the interruption.
     """
     lr_factor(lr_schedule, 0, steps, warmup_steps)  # validates the schedule name
     model = stepper.model
+    if checkpointing is not None:
+        checkpointing.start(batches)
     first = next(batches).to(stepper.device)
     stepper.setup(first)
     history: dict[str, list] = {
@@ -196,10 +245,17 @@ def run_steps(
     }
     best_value, best_state, best_step = math.inf, None, 0
     bad_evals, stopped_early = 0, False
-    bar = tqdm(range(steps), desc=stepper.name, disable=not progress, dynamic_ncols=True)
+    start = 0
+    if checkpointing is not None and checkpointing.resume is not None:
+        loop = checkpointing.restore(stepper)
+        history, best_value, best_state = loop["history"], loop["best_value"], loop["best_state"]
+        best_step, bad_evals, stopped_early = loop["best_step"], loop["bad_evals"], loop["stopped_early"]
+        start = checkpointing.resume.step + 1
+    bar = tqdm(range(start, start if stopped_early else steps), initial=start, total=steps,
+               desc=stepper.name, disable=not progress, dynamic_ncols=True)
     batch = first
     for step in bar:
-        if step > 0:
+        if step > start:
             batch = next(batches).to(stepper.device)
         started = time.perf_counter()
         loss = stepper.step(batch, lr_factor(lr_schedule, step, steps, warmup_steps))
@@ -228,6 +284,12 @@ def run_steps(
         bar.set_postfix(postfix, refresh=False)
         if patience is not None and bad_evals >= patience:
             stopped_early = True
+        if checkpointing is not None and checkpointing.due(step, steps, stopped_early):
+            checkpointing.save(step, stepper=stepper, batches=batches, loop={
+                "history": history, "best_value": best_value, "best_state": best_state,
+                "best_step": best_step, "bad_evals": bad_evals, "stopped_early": stopped_early,
+            })
+        if stopped_early:
             break
     bar.close()
     if best_state is None:

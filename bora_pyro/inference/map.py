@@ -12,6 +12,7 @@ from pyro.infer.autoguide import AutoDelta
 from pyro.infer.autoguide.initialization import init_to_value
 
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
+from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 from .precision import FisherEstimate, evidence_update
 
@@ -94,6 +95,21 @@ class MAPStepper(Stepper):
                 prior=self.model.config.tau_prior,
             )
 
+    def state_dict(self) -> dict:
+        """`Stepper.state_dict` plus, with a learned tau, ``fisher`` (``mean``, ``sq``, ``count``)."""
+        state = super().state_dict()
+        if self.fisher is not None:
+            state["fisher"] = {"mean": self.fisher.mean, "sq": self.fisher.sq, "count": self.fisher.count}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict` after `setup`."""
+        super().load_state_dict(state)
+        if self.fisher is not None:
+            self.fisher.mean.copy_(state["fisher"]["mean"])
+            self.fisher.sq.copy_(state["fisher"]["sq"])
+            self.fisher.count = int(state["fisher"]["count"])
+
     @torch.no_grad()
     def point(self) -> tuple[torch.Tensor, torch.Tensor]:
         with pyro.settings.context(module_local_params=True):
@@ -128,6 +144,7 @@ def optimise_map(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    checkpointing: Checkpointing | None = None,
 ) -> FitState:
     """Maximise the posterior density of the adapters (and, if learned, the evidence for tau).
 
@@ -159,6 +176,8 @@ def optimise_map(
         Where to run, and e.g. ``torch.bfloat16`` for autocast of the base model on CUDA.
     progress
         Show a progress bar.
+    checkpointing
+        Periodic checkpoints and the one to resume from (see `run_steps`).
     """
     if lr_per_tau is not None:
         if model.mode != "fixed" or model.num_groups != 1:
@@ -177,4 +196,5 @@ def optimise_map(
     return run_steps(
         stepper, batches, steps=steps, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
         validate=validate, eval_every=eval_every, patience=patience, progress=progress,
+        checkpointing=checkpointing,
     )

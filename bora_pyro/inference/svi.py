@@ -34,6 +34,7 @@ from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
+from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 
 __all__ = ["MeanFieldGuide", "SVIStepper", "optimise_svi"]
@@ -144,6 +145,22 @@ class SVIStepper(Stepper):
                 self.model.group_index, prior=self.model.config.tau_prior,
             )
 
+    def state_dict(self) -> dict:
+        """`Stepper.state_dict` plus, once started, ``average`` (``loc``, ``global_loc``): the
+        moving averages that the tau M-step reads."""
+        state = super().state_dict()
+        if self._avg is not None:
+            state["average"] = {"loc": self._avg[0], "global_loc": self._avg[1]}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict` after `setup`."""
+        super().load_state_dict(state)
+        average = state.get("average")
+        self._avg = None if average is None else [
+            average["loc"].to(self.device).clone(), average["global_loc"].to(self.device).clone(),
+        ]
+
     @torch.no_grad()
     def point(self) -> tuple[torch.Tensor, torch.Tensor]:
         loc = self.guide.loc.detach().float()
@@ -205,6 +222,7 @@ def optimise_svi(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    checkpointing: Checkpointing | None = None,
 ) -> FitState:
     """Maximise the ELBO of the mean-field guide (and, if learned, the ELBO in tau).
 
@@ -213,6 +231,7 @@ def optimise_svi(
     (``[G]`` starting value of a learned tau), ``init_scale`` (the initial posterior sd of each
     entry) and ``num_particles`` (Monte Carlo samples per step).
     ``validate`` is called with the posterior means.
+    ``checkpointing``: periodic checkpoints and the one to resume from (see `run_steps`).
     """
     stepper = SVIStepper(
         model, init_global=init_global, init_tasks=init_tasks, init_tau=init_tau, init_scale=init_scale,
@@ -223,4 +242,5 @@ def optimise_svi(
     return run_steps(
         stepper, batches, steps=steps, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
         validate=validate, eval_every=eval_every, patience=patience, progress=progress,
+        checkpointing=checkpointing,
     )
