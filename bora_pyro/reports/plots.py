@@ -131,6 +131,10 @@ def plot_tau(source: Any, *, history: Mapping | None = None, ax=None):
         ax0.set_xscale("log")
         lo, hi = tau.min(), tau.max()
         ax0.set_xlim(lo / 3, hi * 3)
+        # Within a decade or two, matplotlib labels minor ticks too and they overlap: keep majors.
+        from matplotlib.ticker import NullFormatter
+
+        ax0.xaxis.set_minor_formatter(NullFormatter())
     else:
         label = {"independent": "tau = 0: independent task adapters (no pooling)",
                  "pooled": "tau = inf: one adapter shared by all tasks"}.get(mode, f"tau = {tau.tolist()}")
