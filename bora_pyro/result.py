@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -47,7 +46,7 @@ class BoraResult:
     config
         The `BoraConfig` of the model.
     history
-        The optimisation history (see `MAPState.history`).
+        The optimisation history (see `bora_pyro.inference.FitState.history`).
     lm
         The `MultiTaskLM` (frozen base model with the multi-task LoRA layers).
     tokenizer

@@ -18,9 +18,6 @@ from .precision import FisherEstimate, evidence_update
 
 __all__ = ["MAPStepper", "optimise_map", "map_guide"]
 
-#: Kept for code written against the first release.
-MAPState = FitState
-
 
 def map_guide(model: BoraModel, init_global: torch.Tensor) -> AutoDelta:
     """A delta guide over the model's latent sites, every task adapter starting at ``init_global``."""
