@@ -1,4 +1,5 @@
-"""The ``bora`` command line: ``bora demo``, ``bora fit``, ``bora generate`` and ``bora report``."""
+"""The ``bora`` command line: ``bora demo``, ``bora fit``, ``bora sweep``, ``bora generate`` and
+``bora report``."""
 
 from __future__ import annotations
 
@@ -142,6 +143,35 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    overrides = {}
+    if args.taus:
+        overrides["taus"] = tuple(args.taus)
+    if args.steps is not None:
+        overrides["max_steps"], overrides["epochs"] = args.steps, None
+    if args.characters:
+        overrides["characters"] = tuple(args.characters)
+    if args.eval_docs is not None:
+        overrides["eval_docs_per_task"] = None if args.eval_docs <= 0 else args.eval_docs
+    start = time.perf_counter()
+    sweep = run_sweep(
+        args.data, config=args.config, out=args.out, model=args.model, device=args.device,
+        autocast=args.autocast, **overrides,
+    )
+    print()
+    print(sweep.overall_markdown())
+    print()
+    best = sweep.best()
+    wins = sweep.wins(best)
+    n = len(sweep.per_task)
+    print(f"best tau on validation: {best}; " + "; ".join(
+        f"better than {k[3:]} on {v} of {n} tasks" for k, v in wins.items()))
+    print(f"tables, figures and summary.md in {sweep.out} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import bora_pyro
 
@@ -222,6 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="map (default), or svi: a MAP fit, then a mean-field posterior started from it")
     _add_training_args(fit, steps=None)
     fit.set_defaults(func=cmd_fit)
+
+    sw = sub.add_parser(
+        "sweep", help="the paper's experiment: fit a grid of tau (0 ... inf and learned) on one split, "
+                      "write tables and figures")
+    sw.add_argument("--config", default="cpu", choices=["cpu", "paper"],
+                    help="cpu (default: 12 characters, 100 steps, under an hour on 2 CPU cores) or paper "
+                         "(25 characters with >= 100 speeches, 256 tokens, rank 16; for a GPU)")
+    sw.add_argument("--out", required=True, metavar="DIR",
+                    help="folder for fits, tables and figures; running again continues a stopped sweep")
+    sw.add_argument("--data", default=None,
+                    help="your own .jsonl/.csv/.parquet with task and text columns (default: Shakespeare)")
+    sw.add_argument("--taus", nargs="+", type=_tau, default=None, metavar="TAU",
+                    help="the grid, e.g. 0 1e2 1e3 1e4 inf learn (default: the config's)")
+    sw.add_argument("--steps", type=int, default=None, help="optimiser steps per fit (default: the config's)")
+    sw.add_argument("--characters", nargs="+", default=None, metavar="TASK", help="Shakespeare tasks to use")
+    sw.add_argument("--eval-docs", type=int, default=None,
+                    help="test documents per task to evaluate on (0 = all; default: the config's)")
+    sw.add_argument("--model", default="smollm2-135m", help="base model (default smollm2-135m)")
+    sw.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', ...")
+    sw.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="autocast the base model (CUDA)")
+    sw.set_defaults(func=cmd_sweep)
 
     gen = sub.add_parser("generate", help="continue prompts with the adapters of a saved result")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by BoraResult.save (bora fit --out)")

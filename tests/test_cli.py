@@ -42,6 +42,20 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, local_model, ca
         main(["fit", str(data), "--tau", "lots"])
 
 
+def test_sweep_on_own_data_writes_the_tables_and_continues(tmp_path, local_model, capsys):
+    data = tmp_path / "data.jsonl"
+    synthetic_corpus_frame((10, 14, 20)).to_json(data, orient="records", lines=True)
+    args = ["sweep", "--data", str(data), "--model", str(local_model), "--device", "cpu", "--out",
+            str(tmp_path / "sweep"), "--taus", "0", "1e3", "inf", "--steps", "2", "--eval-docs", "0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| 0 (independent)" in printed and "| inf (pooled)" in printed and "best tau on validation" in printed
+    per_task = (tmp_path / "sweep" / "per_task.md").read_text()
+    assert all(f"task{i}" in per_task for i in range(3))
+    assert main(args) == 0  # a finished sweep is read back, not refitted
+    assert "done before" in capsys.readouterr().out
+
+
 @pytest.mark.default_model
 def test_demo_runs_on_the_default_model_and_data(capsys):
     characters = ["HAMLET (Hamlet)", "OSRIC (Hamlet)", "BIANCA (Othello)"]

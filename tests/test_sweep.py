@@ -1,0 +1,137 @@
+"""The precision sweep: one split, a grid of tau, tables and figures, resuming a stopped sweep."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bora_pyro import load_result
+from bora_pyro.sweep import SWEEP_CONFIGS, SweepConfig, SweepResult, load_sweep, run_sweep, tau_label
+from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, tiny_causal_lm
+
+from tests.conftest import assert_close
+
+TINY = SweepConfig(
+    name="tiny", characters=None, taus=(0.0, 10.0, math.inf, "learn"), rank=2, alpha=4.0,
+    target_modules=None, max_length=48, batch_size=4, lr=5e-3, max_steps=6, epochs=None,
+    eval_every=3, patience=None, eval_docs_per_task=None,
+)
+
+
+def _run(out, **overrides):
+    return run_sweep(
+        synthetic_corpus_frame((8, 16, 32)), config=TINY, out=out, model=tiny_causal_lm(),
+        tokenizer=char_tokenizer(), device="cpu", progress=False, **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("sweep"))
+
+
+def test_tables_hold_one_column_per_tau_and_match_the_saved_fits(sweep):
+    assert sweep.fitted == ["0", "10", "inf", "learn"]
+    assert list(sweep.per_task.columns) == ["n_train", "base", "0", "10", "inf", "learn"]
+    assert list(sweep.per_task["n_train"]) == sorted(sweep.per_task["n_train"], reverse=True)
+    ov = sweep.overall.set_index("tau")
+    assert list(ov.index) == ["base", "0", "10", "inf", "learn"]
+    assert ov.loc["learn", "learned_tau"].startswith("A=")
+    # the saved tau=10 fit, evaluated again, gives the table's numbers
+    fit = load_result(sweep.out / "fits" / "10", model=tiny_causal_lm(), tokenizer=char_tokenizer(), device="cpu")
+    df = fit.evaluate("test").set_index("task")
+    assert_close(df.loc[list(sweep.per_task.index), "perplexity"].to_numpy(), sweep.per_task["10"].to_numpy(), rtol=1e-5)
+    assert_close(df.loc["overall", "perplexity"], ov.loc["10", "test_perplexity"], rtol=1e-5)
+    assert fit.tau == {"A": 10.0, "B": 10.0}
+    # the pooled fit has every task at the global adapter; the independent one does not
+    assert np.allclose(sweep.distances["inf"], 0.0)
+    assert (sweep.distances["0"] > 0).all()
+
+
+def test_improvement_and_best_follow_the_definitions():
+    per_task = pd.DataFrame(
+        {"n_train": [30, 10], "base": [50.0, 60.0], "0": [20.0, 40.0], "100": [18.0, 30.0], "inf": [24.0, 32.0]},
+        index=pd.Index(["rich", "thin"], name="task"),
+    )
+    overall = pd.DataFrame({
+        "tau": ["base", "0", "100", "inf"], "test_perplexity": [55.0, 28.0, 23.0, 27.0],
+        "validation_perplexity": [56.0, 29.0, 25.0, 24.0], "learned_tau": [None] * 4,
+        "steps": [0, 5, 5, 5], "best_step": [-1, 4, 4, 4], "seconds": [0.0, 1.0, 1.0, 1.0],
+    })
+    sweep = SweepResult(config=TINY, per_task=per_task, overall=overall, distances=per_task[[]])
+    assert sweep.best("test") == "100" and sweep.best("validation") == "inf"
+    imp = sweep.improvement("100")
+    assert_close(imp["vs_tau=0"].to_numpy(), [10.0, 25.0])
+    assert_close(imp["vs_tau=inf"].to_numpy(), [25.0, 6.25])
+    assert sweep.wins("100") == {"vs_tau=0": 2, "vs_tau=inf": 2}
+    assert "**18.00**" in sweep.per_task_markdown() and "**30.00**" in sweep.per_task_markdown()
+
+
+def test_outputs_are_written_and_read_back(sweep):
+    out = sweep.out
+    for name in ("overall.csv", "overall.md", "per_task.csv", "per_task.md", "distances.csv", "summary.md",
+                 "figures/precision_vs_perplexity.png", "figures/improvement_vs_size.png",
+                 "figures/distance_vs_size.png"):
+        assert (out / name).stat().st_size > 0, name
+    again = load_sweep(out)
+    pd.testing.assert_frame_equal(again.per_task, sweep.per_task, check_exact=False, rtol=1e-9)
+    assert list(again.overall["tau"]) == list(sweep.overall["tau"])
+    assert again.best() == sweep.best()
+    assert again.config.taus == TINY.taus
+    summary = (out / "summary.md").read_text()
+    assert f"Best fixed tau on validation: **{sweep.best()}**" in summary
+
+
+def test_figures_draw_every_task_and_the_limits(sweep):
+    fig = sweep.plot_precision()
+    ax = fig.axes[0]
+    thin = [line for line in ax.lines if line.get_linewidth() < 1 and len(line.get_xdata()) == 3]
+    assert len(thin) == len(sweep.per_task)  # one curve per task over tau = 0, 10, inf
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[0].startswith("0") and labels[-1].startswith("∞")
+    fig = sweep.plot_improvement()
+    assert len(fig.axes[0].collections) == 2  # vs tau=0 and vs tau=inf
+    fig = sweep.plot_distance()
+    assert len(fig.axes[0].lines) == 2  # tau=10 and the learned tau
+    with pytest.raises(ValueError, match="not fitted"):
+        sweep.plot_distance(taus=["1e+06"])
+
+
+def test_a_stopped_sweep_continues_and_ends_as_one_uninterrupted_run(tmp_path, sweep):
+    first = _run(tmp_path, taus=(0.0, 10.0))
+    stamp = (tmp_path / "fits" / "0" / "adapters.safetensors").stat().st_mtime_ns
+    full = _run(tmp_path)  # the grid of the module's sweep: tau=0 and 10 are read back
+    assert (tmp_path / "fits" / "0" / "adapters.safetensors").stat().st_mtime_ns == stamp
+    assert first.fitted == ["0", "10"]
+    pd.testing.assert_frame_equal(full.per_task, sweep.per_task, check_exact=False, rtol=1e-6)
+    assert not (tmp_path / "checkpoints" / "inf").exists()
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path):
+    _run(tmp_path, taus=(math.inf,))
+    with pytest.raises(ValueError, match="other settings"):
+        _run(tmp_path, taus=(math.inf,), rank=3)
+
+
+def test_bad_grids_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="without repeats"):
+        _run(tmp_path, taus=(1.0, 1.0))
+    with pytest.raises(ValueError, match="not valid"):
+        _run(tmp_path, taus=(-1.0,))
+    with pytest.raises(ValueError, match="Unknown sweep settings"):
+        _run(tmp_path, steps=3)
+    with pytest.raises(ValueError, match="not a built-in"):
+        run_sweep(config="gpu", out=tmp_path)
+
+
+def test_built_in_configs_mirror_the_paper_and_fit_a_cpu():
+    from bora_pyro.data import REPRO_CHARACTERS, paper_selection
+
+    paper = SWEEP_CONFIGS["paper"]()
+    assert list(paper.characters) == paper_selection(25, 100) == list(REPRO_CHARACTERS)
+    assert (paper.rank, paper.alpha, paper.max_length, paper.test_size) == (16, 16.0, 256, 0.33)
+    assert 0.0 in paper.taus and math.inf in paper.taus and "learn" in paper.taus
+    cpu = SWEEP_CONFIGS["cpu"]()
+    assert 0.0 in cpu.taus and math.inf in cpu.taus and cpu.max_steps is not None
+    assert [tau_label(t) for t in cpu.taus] == ["0", "100", "1000", "10000", "100000", "inf", "learn"]
