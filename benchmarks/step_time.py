@@ -1,0 +1,636 @@
+"""Training-step time of BoRA (MAP, SVI) against a plain LoRA floor and the paper code's loop,
+side by side in one run on the same model shape, batch and rank; plus evaluation throughput.
+
+A step is forward + backward + optimiser step on one batch that mixes tasks:
+
+  floor  one PEFT LoRA adapter (``get_peft_model``), AdamW over its parameters: what a multi-task
+         method cannot beat by much.
+  loop   the pattern of the paper's public code (Eide & Frigessi): a PEFT model with one adapter per
+         task plus a global one; for each task present in the batch ``set_adapter`` and a forward on
+         that task's rows; loss = sum of the per-task losses (each a mean over tokens, weighted by
+         the task's row count) + ``tau * sum_d ||theta_d - Theta||^2`` over the adapter
+         parameters; AdamW over all adapters.
+  map    bora_pyro's `MAPStepper` as `fit_map` builds it (fixed tau), over a `MultiTaskLM` and a
+         `BoraModel` with `lm_log_likelihood`: one forward per batch, whatever tasks it mixes.
+  svi    bora_pyro's `SVIStepper` (mean-field Normal guide), built the same way.
+  eval   tokens/s of the per-task NLL (``MultiTaskLM.sequence_nll`` with the ``[D, P]`` task
+         adapters, as `bora_pyro.evaluation.per_doc_nll` calls it, under ``no_grad``) against the
+         base model's plain forward + the same token NLL on the same tokens.
+
+The model is a randomly initialised ``LlamaForCausalLM`` with SmolLM2-135M's shape (no download;
+random weights time the same), LoRA on all seven projections. Batches: random token ids, every
+row full length, task ids spread over the tasks (each batch mixes them), fixed seed.
+
+    python benchmarks/step_time.py                              # CPU-sized defaults
+    python benchmarks/step_time.py --tasks 5 25 100 --json      # step time vs number of tasks
+    python benchmarks/step_time.py --batch 64 --seq 256 --tasks 25 --rank 16 --dtype bf16  # GPU
+
+Every (method, task count) has its own copy of the base model (MAP, SVI and the BoRA eval,
+which wrap it the same way, may share one) and is warmed up (``--warmup`` steps) before its
+``--steps`` timed steps; CUDA is synchronised before every clock read. ``--schedule``:
+``sequential`` builds one method at a time on a fresh copy, times it and frees it (``del`` +
+``gc``) before the next, so its CUDA peak memory is its own; ``interleaved`` holds them all and
+steps them in turn (rotating who goes first), so a drifting machine load hits every method alike;
+``auto`` (default) is interleaved on CPU, sequential on CUDA. ``--rounds R`` repeats the whole
+measurement; medians are over all timed steps.
+
+Prints a table of medians and ratios to the floor; with ``--json`` the last line is one JSON
+object: config, machine, ``median_s`` per method, ``map_ratio`` / ``svi_ratio`` /
+``loop_ratio`` (step time / floor step time), ``eval_ratio`` (BoRA eval time / base eval time
+for the same tokens, i.e. base tokens/s over BoRA tokens/s), ``peak_mem_bytes`` per method
+(``memory_kind`` says what it is) and ``by_tasks`` (the same per ``--tasks`` value; the
+top-level values are those of the first one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ["floor", "loop", "map", "svi", "eval"]
+LABELS = {
+    "floor": "floor: 1 PEFT LoRA",
+    "loop": "paper-code loop (PEFT)",
+    "map": "bora_pyro MAP",
+    "svi": "bora_pyro SVI",
+    "eval_base": "eval: base forward",
+    "eval_bora": "eval: bora per-task NLL",
+}
+ALPHA = 16.0
+LR = 1e-3
+
+
+@dataclass
+class FakeBatch:
+    """What `bora_pyro.data.Batch` holds (input_ids, attention_mask, labels, task_ids, doc_index)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    task_ids: torch.Tensor
+    doc_index: torch.Tensor
+
+    def to(self, device) -> "FakeBatch":
+        return FakeBatch(*(getattr(self, k).to(device) for k in self.__dataclass_fields__))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 = autocast of the base model; adapters stay fp32")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--tasks", type=int, nargs="+", default=[8],
+                   help="number(s) of tasks; several values time loop/map/svi/eval for each")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the whole measurement")
+    p.add_argument("--schedule", choices=["auto", "sequential", "interleaved"], default="auto",
+                   help="sequential: one method at a time on a fresh model copy (exact per-method "
+                        "CUDA peak memory); interleaved: all held at once, stepped in turn (fair "
+                        "under drifting CPU load); auto: interleaved on CPU, sequential on CUDA")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--hidden", type=int, default=576, help="hidden size (SmolLM2-135M: 576)")
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--tau", type=float, default=1e3, help="fixed prior precision of map/svi/loop")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile one extra step of each training method; print the top N ops by self CPU time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object last")
+    args = p.parse_args(argv)
+    for name in ("batch", "seq", "rank", "steps", "layers", "hidden", "vocab", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.warmup < 0 or any(d < 1 for d in args.tasks):
+        p.error("--warmup must be >= 0 and every --tasks value >= 1")
+    if args.seq < 2:
+        p.error("--seq must be >= 2 (the loss predicts token t from tokens < t)")
+    args.tasks = list(dict.fromkeys(args.tasks))
+    return args
+
+
+# --------------------------------------------------------------------------- model and batches
+
+
+def build_template(args) -> torch.nn.Module:
+    """A random LlamaForCausalLM with SmolLM2-135M's shape (or a smaller hidden size), on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden = args.hidden
+    head_dim = 64 if hidden % 64 == 0 else max(2, hidden // 4)
+    if hidden % head_dim or head_dim % 2:
+        raise SystemExit(f"--hidden {hidden}: choose a multiple of 64, or of 8 below 64")
+    heads = hidden // head_dim
+    kv_heads = heads // 3 if heads % 3 == 0 else heads
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max(2048, args.seq), rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    )
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def make_batches(args, num_tasks: int, count: int, *, num_docs: int) -> list[FakeBatch]:
+    """``count`` batches of random full-length rows; task ids balanced and mixed in every batch
+    (every task present when ``D <= B``, ``B`` distinct tasks when ``D > B``)."""
+    g = torch.Generator().manual_seed(args.seed + 1000 * num_tasks)
+    B, L = args.batch, args.seq
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, args.vocab, (B, L), generator=g)
+        labels = ids.clone()
+        labels[:, 0] = -100
+        if num_tasks >= B:
+            task_ids = torch.randperm(num_tasks, generator=g)[:B]
+        else:
+            task_ids = (torch.arange(B) % num_tasks)[torch.randperm(B, generator=g)]
+        doc_index = torch.randperm(num_docs, generator=g)[:B]
+        out.append(FakeBatch(ids, torch.ones_like(ids), labels, task_ids, doc_index))
+    return out
+
+
+# --------------------------------------------------------------------------- the methods
+#
+# Each builder takes (base model copy on the device, num_tasks, first batch) and returns
+# (step(batch), optimizer, cleanup-able objects). The base copy is theirs to wrap.
+
+
+def _amp(args, device):
+    if args.dtype == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _lora_config(args):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+                      task_type="CAUSAL_LM")
+
+
+def build_floor(args, device, base, num_tasks, first):
+    from peft import get_peft_model
+
+    model = get_peft_model(base, _lora_config(args))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    amp = _amp(args, device)
+
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         labels=batch.labels, use_cache=False).loss
+        loss.backward()
+        opt.step()
+
+    return step, opt, model
+
+
+def build_loop(args, device, base, num_tasks, first):
+    """The paper code's pattern: one PEFT adapter per task + a global one, set_adapter per task."""
+    from peft import get_peft_model
+
+    cfg = _lora_config(args)
+    names = [f"task{d}" for d in range(num_tasks)]
+    model = get_peft_model(base, cfg, adapter_name="global")
+    for name in names:
+        model.add_adapter(name, cfg)
+    tuner = model.base_model  # LoraModel: set_adapter accepts a list (all active, all trainable)
+    named = dict(model.named_parameters())
+    pairs = []  # (global parameter, [task parameters]): looked up once, not every step
+    with torch.no_grad():
+        for key, g in named.items():
+            if ".global." in key:
+                ps = [named[key.replace(".global.", f".{n}.")] for n in names]
+                for p in ps:
+                    p.copy_(g)  # every task adapter starts at the global one
+                pairs.append((g, ps))
+    params = [p for k, p in named.items() if "lora_" in k]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=LR)
+    amp = _amp(args, device)
+    tau = args.tau
+
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        loss = 0.0
+        task_ids = batch.task_ids
+        for d in torch.unique(task_ids).tolist():
+            rows = (task_ids == d).nonzero().squeeze(1)
+            tuner.set_adapter(names[d])
+            with amp():
+                out = model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
+                            labels=batch.labels[rows], use_cache=False)
+            loss = loss + out.loss * rows.numel()
+        tuner.set_adapter(names + ["global"])
+        penalty = sum((p - g).square().sum() for g, ps in pairs for p in ps)
+        (loss + tau * penalty).backward()
+        opt.step()
+
+    return step, opt, model
+
+
+def _bora(args, base, num_tasks, num_docs):
+    from bora_pyro.config import BoraConfig
+    from bora_pyro.models.bora import BoraModel, lm_log_likelihood
+    from bora_pyro.models.lora import MultiTaskLM
+
+    # As fit_map's _prepare builds it (default precision_groups="ab", here a fixed tau).
+    config = BoraConfig(rank=args.rank, alpha=ALPHA, target_modules=None, tau=args.tau)
+    lm = MultiTaskLM(base, rank=args.rank, alpha=ALPHA, target_modules=config.target_modules)
+    group_names, group_index = lm.layout.group_index(config.precision_groups)
+    bora = BoraModel(lm_log_likelihood(lm), num_tasks=num_tasks, num_params=lm.num_params,
+                     num_docs=num_docs, config=config, group_index=group_index, group_names=group_names)
+    init_global = lm.layout.init_global(generator=torch.Generator().manual_seed(args.seed))
+    return lm, bora, init_global
+
+
+def _stepper_method(kind):
+    def build(args, device, base, num_tasks, first):
+        import pyro
+
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        num_docs = _num_docs(args, num_tasks)
+        lm, bora, init_global = _bora(args, base, num_tasks, num_docs)
+        amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+        if kind == "map":
+            from bora_pyro.inference.map import MAPStepper
+
+            stepper = MAPStepper(bora, init_global=init_global, lr=LR, batch_fraction=args.batch / num_docs,
+                                 device=device, autocast_dtype=amp_dtype)
+        else:
+            from bora_pyro.inference.svi import SVIStepper
+
+            stepper = SVIStepper(bora, init_global=init_global, lr=LR, device=device,
+                                 autocast_dtype=amp_dtype)
+        stepper.setup(first)
+
+        def step(batch):
+            stepper.step(batch)
+
+        return step, stepper.optimizer, (stepper, lm)
+
+    return build
+
+
+def _token_nll(logits, labels):
+    """What `MultiTaskLM.sequence_nll` computes from the logits: summed token NLL per row, fp32."""
+    logits, target = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                          ignore_index=-100, reduction="none")
+    return nll.view(target.shape).sum(-1)
+
+
+def build_eval_base(args, device, base, num_tasks, first):
+    """The base model's plain forward (unwrapped) + the token NLL, as evaluation would need."""
+    amp = _amp(args, device)
+
+    @torch.no_grad()
+    def step(batch):
+        with amp():
+            logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          use_cache=False).logits
+            _token_nll(logits, batch.labels).double().cpu()
+
+    return step, None, base
+
+
+def build_eval_bora(args, device, base, num_tasks, first):
+    """Per-task NLL of a mixed-task batch, as `bora_pyro.evaluation.per_doc_nll` computes it."""
+    from bora_pyro.models.lora import MultiTaskLM
+
+    amp = _amp(args, device)
+    lm = MultiTaskLM(base, rank=args.rank, alpha=ALPHA)
+    g = torch.Generator().manual_seed(args.seed)
+    init = lm.layout.init_global(generator=g)
+    adapters = (init + 1e-3 * torch.randn(num_tasks, lm.num_params, generator=g)).to(device)
+
+    @torch.no_grad()
+    def step(batch):
+        with amp():
+            lm.sequence_nll(batch.input_ids, batch.attention_mask, batch.labels,
+                            adapters=adapters, task_ids=batch.task_ids).double().cpu()
+
+    return step, None, (lm, adapters)
+
+
+BUILDERS: dict[str, Callable] = {
+    "floor": build_floor, "loop": build_loop, "map": _stepper_method("map"), "svi": _stepper_method("svi"),
+    "eval_base": build_eval_base, "eval_bora": build_eval_bora,
+}
+#: Units that wrap the base model the same way may share one copy when held side by side.
+SHARED_BASE = {"map", "svi", "eval_bora"}
+
+
+def _num_docs(args, num_tasks):
+    return max(1000, args.batch * num_tasks)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _state_bytes(opt) -> int:
+    """Bytes of the optimiser's parameters, their gradients and its state (fp32 Adam moments...)."""
+    if opt is None:
+        return 0
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            total += p.numel() * p.element_size()
+            if p.grad is not None:
+                total += p.grad.numel() * p.grad.element_size()
+            for v in opt.state.get(p, {}).values():
+                if torch.is_tensor(v):
+                    total += v.numel() * v.element_size()
+    return total
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _profile(fn, device, top: int) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = []
+    for e in events[:top]:
+        row = {"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count,
+               "self_cpu_share": e.self_cpu_time_total / total}
+        if device.type == "cuda":
+            row["self_device_ms"] = getattr(e, "self_device_time_total", 0.0) / 1e3
+        rows.append(row)
+    return rows
+
+
+class Unit:
+    """One (method, task count): its step function, optimiser and batches, and what it measured."""
+
+    def __init__(self, args, device, method, num_tasks, batches, base):
+        self.method, self.num_tasks, self.batches = method, num_tasks, batches
+        self.device = device
+        self.step, self.opt, self.keep = BUILDERS[method](args, device, base, num_tasks, batches[0])
+        self.base = base
+
+    def run(self, i: int, record: dict | None) -> None:
+        """Step on batch ``i``; with ``record``, add its time (and the peak memory) there."""
+        device = self.device
+        if record is not None and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        self.step(self.batches[i])
+        _sync(device)
+        if record is not None:
+            record["times"].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                record["peak"] = max(record["peak"], torch.cuda.max_memory_allocated(device))
+
+    def close(self) -> None:
+        del self.step, self.opt, self.keep, self.base
+
+
+def run_units(args, device, template, plan, batches, out, profiles, *, interleaved: bool):
+    """Time every (method, num_tasks) of ``plan``: one after another (each built on a fresh copy
+    of the base model, warmed up, timed, freed), or all held at once and stepped in turn."""
+
+    def record(key):
+        return out.setdefault(key, {"times": [], "peak": 0, "state": 0})
+
+    def finish(unit):
+        rec = record((unit.method, unit.num_tasks))
+        rec["state"] = max(rec["state"], _state_bytes(unit.opt))
+        if device.type != "cuda":
+            rec["peak"] = rec["state"]
+        key = (unit.method, unit.num_tasks)
+        if args.profile and unit.opt is not None and key not in profiles:
+            profiles[key] = _profile(lambda: unit.step(unit.batches[-1]), device, args.profile)
+
+    n = args.warmup + args.steps
+    if not interleaved:
+        for method, D in plan:
+            _free(device)
+            unit = Unit(args, device, method, D, batches[D], copy.deepcopy(template).to(device))
+            for i in range(n):
+                unit.run(i, record((method, D)) if i >= args.warmup else None)
+            finish(unit)
+            unit.close()
+            del unit
+            _free(device)
+        return
+    shared = None
+    units = []
+    for method, D in plan:
+        if method in SHARED_BASE:
+            shared = shared if shared is not None else copy.deepcopy(template).to(device)
+            base = shared
+        else:
+            base = copy.deepcopy(template).to(device)
+        units.append(Unit(args, device, method, D, batches[D], base))
+        del base
+    for i in range(args.warmup):
+        for unit in units:
+            unit.run(i, None)
+    for i in range(args.warmup, n):
+        k = (i - args.warmup) % len(units)  # rotate who goes first
+        for unit in units[k:] + units[:k]:
+            unit.run(i, record((unit.method, unit.num_tasks)))
+    for unit in units:
+        finish(unit)
+        unit.close()
+    del units, shared
+    _free(device)
+
+
+def machine_info(device) -> dict:
+    import peft
+    import pyro
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return {
+        "device": str(device), "device_name": name, "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "pyro": pyro.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+    }
+
+
+def _name(method: str, num_tasks: int) -> str:
+    return method if method in ("floor", "eval_base") else f"{method}@{num_tasks}"
+
+
+def _median(rec) -> float | None:
+    return statistics.median(rec["times"]) if rec and rec["times"] else None
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from bora_pyro.models.base import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    template = build_template(args)
+    n_batches = args.warmup + args.steps
+    batches = {D: [b.to(device) for b in make_batches(args, D, n_batches, num_docs=_num_docs(args, D))]
+               for D in args.tasks}
+    D0 = args.tasks[0]
+    plan = []  # (method, task count); the floor and the base model's eval do not depend on it
+    for method in ("floor", "loop", "map", "svi"):
+        if method in args.methods:
+            plan += [(method, D) for D in ([D0] if method == "floor" else args.tasks)]
+    if "eval" in args.methods:
+        plan += [("eval_base", D0)] + [("eval_bora", D) for D in args.tasks]
+    interleaved = args.schedule == "interleaved" or (args.schedule == "auto" and device.type != "cuda")
+    out: dict = {}
+    profiles: dict = {}
+    for _ in range(args.rounds):
+        run_units(args, device, template, plan, batches, out, profiles, interleaved=interleaved)
+    elapsed = time.perf_counter() - started
+
+    if device.type != "cuda":
+        memory_kind = "bytes of the optimised parameters + their gradients + AdamW state (no activations)"
+    elif interleaved:
+        memory_kind = ("torch.cuda.max_memory_allocated during the method's steps, with every method's "
+                       "model (base copies, adapters, optimiser state) resident at the same time")
+    else:
+        memory_kind = ("torch.cuda.max_memory_allocated during the method's steps, only its model "
+                       "resident (includes its copy of the base model's weights)")
+    floor = _median(out.get(("floor", D0)))
+    base_eval = _median(out.get(("eval_base", D0)))
+    tokens = args.batch * args.seq
+    by_tasks = {}
+    for D in args.tasks:
+        med = {m: _median(out.get((m, D))) for m in ("loop", "map", "svi")}
+        med["floor"] = floor
+        bora_eval = _median(out.get(("eval_bora", D)))
+        entry = {
+            "median_s": {k: v for k, v in med.items() if v is not None},
+            "loop_ratio": _ratio(med["loop"], floor),
+            "map_ratio": _ratio(med["map"], floor),
+            "svi_ratio": _ratio(med["svi"], floor),
+            "eval_ratio": _ratio(bora_eval, base_eval),
+            "peak_mem_bytes": {m: out[(m, D0 if m == "floor" else D)]["peak"]
+                               for m in ("floor", "loop", "map", "svi")
+                               if (m, D0 if m == "floor" else D) in out},
+        }
+        if bora_eval is not None:
+            entry["eval_tokens_per_s"] = {"base": tokens / base_eval, "bora": tokens / bora_eval}
+            entry["median_s"]["eval_base"] = base_eval
+            entry["median_s"]["eval_bora"] = bora_eval
+        by_tasks[str(D)] = entry
+    first = by_tasks[str(args.tasks[0])]
+    result = {
+        "config": {k: getattr(args, k) for k in (
+            "dtype", "batch", "seq", "tasks", "rank", "steps", "warmup", "rounds", "layers", "hidden",
+            "vocab", "tau", "methods", "seed")}
+        | {"alpha": ALPHA, "targets": TARGETS, "schedule": "interleaved" if interleaved else "sequential"},
+        "machine": machine_info(device),
+        "memory_kind": memory_kind,
+        **{k: first[k] for k in ("median_s", "loop_ratio", "map_ratio", "svi_ratio", "eval_ratio",
+                                 "peak_mem_bytes")},
+        "by_tasks": by_tasks,
+        "state_bytes": {_name(*key): rec["state"] for key, rec in out.items() if rec["state"]},
+        "times_s": {_name(*key): rec["times"] for key, rec in out.items()},
+        "elapsed_s": elapsed,
+    }
+    if first.get("eval_tokens_per_s"):
+        result["eval_tokens_per_s"] = first["eval_tokens_per_s"]
+    if profiles:
+        result["profile"] = {_name(*key): rows for key, rows in profiles.items()}
+
+    print_table(args, device, result, out, floor, base_eval, profiles)
+    if args.json:
+        print(json.dumps(result))
+    sys.stdout.flush()
+    return result
+
+
+def print_table(args, device, result, out, floor, base_eval, profiles) -> None:
+    m = result["machine"]
+    print(f"\nLlama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; LoRA r={args.rank} on "
+          f"{len(TARGETS)} projections; batch {args.batch} x {args.seq}, {args.dtype}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s), "
+          f"{result['config']['schedule']}; "
+          f"{m['device']} ({m['device_name']}), torch {m['torch']}, {m['threads']} threads; "
+          f"total {result['elapsed_s']:.0f} s")
+    mem_unit = "peak alloc MiB" if device.type == "cuda" else "state MiB"
+    print(f"\n| method | tasks | median s | / floor | {mem_unit} |")
+    print("|---|---:|---:|---:|---:|")
+    for (method, D), rec in out.items():
+        med = _median(rec)
+        if method.startswith("eval"):
+            ref = base_eval
+            mem = ""
+            extra = f" ({args.batch * args.seq / med:,.0f} tok/s)"
+        else:
+            ref = floor
+            mem = f"{rec['peak'] / 2**20:.1f}"
+            extra = ""
+        ratio = _ratio(med, ref)
+        ratio_s = "" if ratio is None else f"{ratio:.2f}" + (" (vs base)" if method.startswith("eval") else "")
+        shown = "-" if method in ("floor", "eval_base") and len(args.tasks) > 1 else D
+        print(f"| {LABELS[method]} | {shown} | {med:.4f}{extra} | {ratio_s} | {mem} |")
+    for (method, D), rows in profiles.items():
+        tasks = "" if method == "floor" else f" ({D} tasks)"
+        print(f"\nprofile of one {LABELS[method]} step{tasks}, top ops by self CPU time:")
+        for r in rows:
+            dev = f"  self {r['self_device_ms']:9.2f} ms on device" if "self_device_ms" in r else ""
+            print(f"  {r['op'][:48]:48s} {r['self_cpu_ms']:9.2f} ms  {100 * r['self_cpu_share']:5.1f}%"
+                  f"  x{r['calls']}{dev}")
+    print()
+
+
+if __name__ == "__main__":
+    main()

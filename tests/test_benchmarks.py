@@ -1,0 +1,66 @@
+"""The step-time benchmark runs end to end at tiny sizes and reports what it promises."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+TINY = ["--device", "cpu", "--layers", "1", "--hidden", "32", "--vocab", "128", "--seq", "16",
+        "--batch", "4", "--steps", "1", "--warmup", "1", "--json"]
+
+
+@pytest.fixture(scope="module")
+def step_time():
+    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_step_time_json(step_time, capsys):
+    result = step_time.main(TINY + ["--tasks", "3", "5"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(json.dumps(result))
+
+    assert printed["config"]["tasks"] == [3, 5]
+    machine = printed["machine"]
+    assert machine["device"] == "cpu" and machine["torch"] and _positive(machine["threads"])
+    assert machine["device_name"]
+    assert "optimised parameters" in printed["memory_kind"]
+    for key in ("floor", "loop", "map", "svi", "eval_base", "eval_bora"):
+        assert _positive(printed["median_s"][key]), key
+    for key in ("loop_ratio", "map_ratio", "svi_ratio", "eval_ratio"):
+        assert _positive(printed[key]), key
+    for key in ("floor", "loop", "map", "svi"):
+        assert _positive(printed["peak_mem_bytes"][key]), key
+    # SVI optimises a location and a scale per entry: more state than MAP, which has more than
+    # the floor's single adapter.
+    mem = printed["peak_mem_bytes"]
+    assert mem["svi"] > mem["map"] > mem["floor"]
+    # Every task count has its own loop / MAP / SVI / eval numbers; the floor is timed once.
+    assert set(printed["by_tasks"]) == {"3", "5"}
+    for entry in printed["by_tasks"].values():
+        for key in ("loop_ratio", "map_ratio", "svi_ratio", "eval_ratio"):
+            assert _positive(entry[key]), key
+        assert _positive(entry["eval_tokens_per_s"]["bora"])
+    assert len(printed["times_s"]["floor"]) == 1 and len(printed["times_s"]["map@5"]) == 1
+    assert printed["config"]["schedule"] == "interleaved"  # auto, on the CPU
+    assert printed["by_tasks"]["5"]["peak_mem_bytes"]["map"] > printed["by_tasks"]["3"]["peak_mem_bytes"]["map"]
+
+
+def test_methods_subset(step_time, capsys):
+    result = step_time.main(TINY + ["--tasks", "2", "--methods", "floor", "map", "--schedule", "sequential"])
+    capsys.readouterr()
+    assert result["config"]["schedule"] == "sequential"
+    assert set(result["median_s"]) == {"floor", "map"}
+    assert _positive(result["map_ratio"])
+    assert result["loop_ratio"] is None and result["svi_ratio"] is None and result["eval_ratio"] is None
