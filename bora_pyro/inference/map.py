@@ -1,5 +1,5 @@
-"""MAP inference for BoRA: a delta guide, Pyro's ELBO (for a delta guide, the log joint) and
-AdamW, with a learned precision set by the evidence fixed point (`precision`)."""
+"""MAP inference for BoRA: a point (delta) guide, Pyro's ELBO (for a point guide, the log joint)
+and AdamW, with a learned precision set by the evidence fixed point (`precision`)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,44 @@ from typing import Callable, Iterator
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide import AutoDelta
-from pyro.infer.autoguide.initialization import init_to_value
+from torch import nn
 
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
+from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 from .precision import FisherEstimate, evidence_update
 
-__all__ = ["MAPStepper", "optimise_map", "map_guide"]
+__all__ = ["MAPStepper", "PointGuide", "optimise_map", "map_guide"]
 
 
-def map_guide(model: BoraModel, init_global: torch.Tensor) -> AutoDelta:
-    """A delta guide over the model's latent sites, every task adapter starting at ``init_global``."""
-    values = {
-        SITE_GLOBAL: init_global.clone(),
-        SITE_TASKS: init_global.expand(model.num_tasks, -1).clone(),
-    }
-    return AutoDelta(model, init_loc_fn=init_to_value(values=values))
+class PointGuide(nn.Module):
+    """The MAP guide: one point for each latent site, ``task_adapters [D, P]`` and
+    ``global_adapter [P]`` (whichever the model's tau mode has), every task starting at
+    ``init_global``. Its sites are `PointMass` distributions, so the ELBO is the log joint."""
+
+    def __init__(self, model: BoraModel, init_global: torch.Tensor):
+        super().__init__()
+        self.num_tasks = model.num_tasks
+        init = init_global.detach().float()
+        tasks = init.expand(model.num_tasks, -1).clone() if model.mode != "pooled" else None
+        theta_g = init.clone() if model.mode != "independent" else None
+        self.task_adapters = None if tasks is None else nn.Parameter(tasks)
+        self.global_adapter = None if theta_g is None else nn.Parameter(theta_g)
+
+    def forward(self, batch, *, tau=None) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.global_adapter is not None:
+            out[SITE_GLOBAL] = pyro.sample(SITE_GLOBAL, PointMass(self.global_adapter))
+        if self.task_adapters is not None:
+            with pyro.plate("tasks", self.num_tasks, dim=-1):
+                out[SITE_TASKS] = pyro.sample(SITE_TASKS, PointMass(self.task_adapters))
+        return out
+
+
+def map_guide(model: BoraModel, init_global: torch.Tensor) -> PointGuide:
+    """A delta (point) guide over the model's latent sites, every task adapter starting at ``init_global``."""
+    return PointGuide(model, init_global)
 
 
 class MAPStepper(Stepper):
@@ -109,16 +129,12 @@ class MAPStepper(Stepper):
 
     @torch.no_grad()
     def point(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with pyro.settings.context(module_local_params=True):
-            values = self.guide.median()
-        theta_g = values.get(SITE_GLOBAL)
-        if SITE_TASKS in values:
-            theta = values[SITE_TASKS]
-            if theta_g is None:
-                theta_g = theta.mean(0)
-        else:
+        theta, theta_g = self.guide.task_adapters, self.guide.global_adapter
+        if theta is None:
             theta = theta_g.expand(self.model.num_tasks, -1)
-        return theta.float(), theta_g.float()
+        elif theta_g is None:
+            theta_g = theta.mean(0)
+        return theta.detach().float(), theta_g.detach().float()
 
 
 def optimise_map(

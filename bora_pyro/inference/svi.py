@@ -34,6 +34,7 @@ from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
+from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 
@@ -78,14 +79,18 @@ class MeanFieldGuide(nn.Module):
         """Posterior standard deviations, same shape as ``loc``."""
         return F.softplus(self.rho)
 
+    def _normal(self) -> dist.Distribution:
+        # no argument validation: it would be two more passes over the [D, P] parameters
+        return dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
+
     def forward(self, batch, *, tau=None):
         if self.mode == "pooled":
-            return {SITE_GLOBAL: pyro.sample(SITE_GLOBAL, dist.Normal(self.loc, self.scale).to_event(1))}
+            return {SITE_GLOBAL: pyro.sample(SITE_GLOBAL, self._normal())}
         out = {}
         if self.global_loc is not None:
-            out[SITE_GLOBAL] = pyro.sample(SITE_GLOBAL, dist.Delta(self.global_loc, event_dim=1))
+            out[SITE_GLOBAL] = pyro.sample(SITE_GLOBAL, PointMass(self.global_loc))
         with pyro.plate("tasks", self.num_tasks, dim=-1):
-            out[SITE_TASKS] = pyro.sample(SITE_TASKS, dist.Normal(self.loc, self.scale).to_event(1))
+            out[SITE_TASKS] = pyro.sample(SITE_TASKS, self._normal())
         return out
 
 

@@ -34,6 +34,7 @@ from pyro.distributions import constraints
 from torch import nn
 
 from ..config import BoraConfig
+from .prior import TaskPrior
 
 __all__ = ["BoraModel", "lm_log_likelihood", "SITE_GLOBAL", "SITE_TASKS", "SITE_PRECISION"]
 
@@ -107,7 +108,7 @@ class BoraModel(nn.Module):
         self.register_buffer("fixed_tau", self._fixed_tau(config), persistent=False)
         a, b = config.tau_prior
         self.register_buffer("tau_prior_params", torch.tensor([a, b]), persistent=False)
-        self.last_nll = float("nan")
+        self._last_nll = torch.tensor(float("nan"))
 
     def _fixed_tau(self, config: BoraConfig) -> torch.Tensor:
         G = len(self.group_names)
@@ -160,12 +161,16 @@ class BoraModel(nn.Module):
                     tau = pyro.sample(SITE_PRECISION, self.precision_prior(), obs=tau)
                 else:
                     tau = self.fixed_tau
-                scale = tau.rsqrt()[self.group_index]  # [P]
                 with pyro.plate("tasks", D, dim=-1):
-                    adapters = pyro.sample(SITE_TASKS, dist.Normal(theta_g, scale).to_event(1))
+                    # Normal(theta_g, tau^-1/2 per group), its log density one fused expression
+                    adapters = pyro.sample(SITE_TASKS, TaskPrior(theta_g, tau, self.group_index, D))
         with pyro.plate("documents", self.num_docs, subsample=batch.doc_index, dim=-1):
             log_lik = self.log_likelihood(adapters, batch)
             pyro.factor(SITE_LIKELIHOOD, log_lik)
-        #: Unscaled negative log-likelihood of the last batch, for progress reports.
-        self.last_nll = float(-log_lik.detach().sum())
+        self._last_nll = log_lik.detach().sum().neg()  # read (and synchronised) only on demand
         return adapters
+
+    @property
+    def last_nll(self) -> float:
+        """Unscaled negative log-likelihood of the last batch, for progress reports."""
+        return float(self._last_nll)
