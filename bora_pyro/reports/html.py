@@ -182,6 +182,7 @@ def write_report(
     fisher_max_docs_per_task: int | None = None,
     n_bins: int = 15,
     title: str | None = None,
+    idata: Any = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Path:
@@ -212,6 +213,10 @@ def write_report(
         Confidence bins of the ECE.
     title
         Heading of the report.
+    idata
+        The result's ``arviz.InferenceData`` if you already made it with `to_inference_data`
+        (for the same ``split`` and ``max_docs_per_task``): it is used as is instead of being
+        computed again (which under SVI costs one pass over the split per posterior draw).
     progress
         Show progress bars.
 
@@ -221,11 +226,17 @@ def write_report(
     """
     out = _report_path(path)
     az = import_arviz()
-    idata = to_inference_data(
-        result, split=split, num_samples=num_samples, predictive_samples=predictive_samples,
-        max_docs_per_task=max_docs_per_task, fisher=fisher, fisher_max_docs_per_task=fisher_max_docs_per_task,
-        seed=seed, progress=progress,
-    )
+    if idata is None:
+        idata = to_inference_data(
+            result, split=split, num_samples=num_samples, predictive_samples=predictive_samples,
+            max_docs_per_task=max_docs_per_task, fisher=fisher, fisher_max_docs_per_task=fisher_max_docs_per_task,
+            seed=seed, progress=progress,
+        )
+    elif not isinstance(idata, az.InferenceData) or list(idata.posterior["task"].values) != list(result.tasks):
+        raise ValueError(
+            "idata must be the arviz.InferenceData of this result (bora_pyro.to_inference_data(result)); "
+            "its tasks differ or it is not an InferenceData."
+        )
     frames: dict[str, pd.DataFrame] = {}
     for name, base in (baselines or {}).items():
         if not isinstance(base, (az.InferenceData, pd.DataFrame)):

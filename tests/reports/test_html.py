@@ -6,6 +6,7 @@ from html.parser import HTMLParser
 import pytest
 
 from bora_pyro.cli import main
+from bora_pyro.reports import to_inference_data
 from bora_pyro.reports.html import SECTIONS, write_report
 from bora_pyro.testing import char_tokenizer, tiny_causal_lm
 from tests.reports.conftest import HIDDEN
@@ -107,6 +108,17 @@ def test_svi_report_has_intervals(svi_result, tmp_path):
     path = write_report(svi_result, tmp_path, num_samples=10, predictive_samples=2, max_docs_per_task=5)
     assert path == tmp_path / "report.html"
     _check_report(path, _by_size(svi_result), extra_columns=("ppl 2.5%", "ppl 97.5%"))
+
+
+def test_a_given_inference_data_is_used_not_recomputed(svi_result, tmp_path, monkeypatch):
+    import bora_pyro.reports.html as html
+
+    idata = to_inference_data(svi_result, num_samples=10, predictive_samples=2, max_docs_per_task=5)
+    monkeypatch.setattr(html, "to_inference_data", lambda *a, **k: pytest.fail("recomputed"))
+    path = write_report(svi_result, tmp_path, idata=idata, max_docs_per_task=5)
+    _check_report(path, _by_size(svi_result), extra_columns=("ppl 2.5%", "ppl 97.5%"))
+    with pytest.raises(ValueError, match="InferenceData of this result"):
+        write_report(svi_result, tmp_path, idata="nope")
 
 
 def test_report_path_must_be_html_or_a_folder(map_result, tmp_path):
