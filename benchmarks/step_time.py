@@ -34,6 +34,12 @@ steps them in turn (rotating who goes first), so a drifting machine load hits ev
 ``auto`` (default) is interleaved on CPU, sequential on CUDA. ``--rounds R`` repeats the whole
 measurement; medians are over all timed steps.
 
+On a shared CPU, pass ``--threads 1``: with more torch threads than free cores, every op waits
+for a descheduled thread (measured under load: 420 small ops 2.5 s with 2 threads, 3 ms with
+1), so the timings count ops rather than work and penalise the methods with many small ops (the
+loop above all). The script says so when the load average is high; ``machine.load_avg`` records
+it.
+
 Prints a table of medians and ratios to the floor; with ``--json`` the last line is one JSON
 object: config, machine, ``median_s`` per method, ``map_ratio`` / ``svi_ratio`` /
 ``loop_ratio`` (step time / floor step time), ``eval_ratio`` (BoRA eval time / base eval time
@@ -49,6 +55,7 @@ import contextlib
 import copy
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -114,6 +121,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile one extra step of each training method; print the top N ops by self CPU time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true", help="print every step's time to stderr")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object last")
     args = p.parse_args(argv)
     for name in ("batch", "seq", "rank", "steps", "layers", "hidden", "vocab", "rounds"):
@@ -405,7 +413,7 @@ class Unit:
 
     def __init__(self, args, device, method, num_tasks, batches, base):
         self.method, self.num_tasks, self.batches = method, num_tasks, batches
-        self.device = device
+        self.device, self.verbose = device, args.verbose
         self.step, self.opt, self.keep = BUILDERS[method](args, device, base, num_tasks, batches[0])
         self.base = base
 
@@ -418,8 +426,13 @@ class Unit:
         t0 = time.perf_counter()
         self.step(self.batches[i])
         _sync(device)
+        seconds = time.perf_counter() - t0
+        if self.verbose:
+            kind = "warm-up" if record is None else "timed"
+            print(f"  {_name(self.method, self.num_tasks)} step {i + 1}/{len(self.batches)} ({kind}): "
+                  f"{seconds:.3f} s", file=sys.stderr, flush=True)
         if record is not None:
-            record["times"].append(time.perf_counter() - t0)
+            record["times"].append(seconds)
             if device.type == "cuda":
                 record["peak"] = max(record["peak"], torch.cuda.max_memory_allocated(device))
 
@@ -498,7 +511,15 @@ def machine_info(device) -> dict:
         "transformers": transformers.__version__, "peft": peft.__version__, "pyro": pyro.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(), "load_avg": _load_avg(),
     }
+
+
+def _load_avg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _name(method: str, num_tasks: int) -> str:
@@ -520,6 +541,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    load, cores, threads = _load_avg(), os.cpu_count() or 1, torch.get_num_threads()
+    if device.type == "cpu" and threads > 1 and load is not None and load + threads > cores + 0.5:
+        print(f"note: load average {load:.1f} on {cores} cores with {threads} torch threads: ops will "
+              "wait for descheduled threads and the timings count ops rather than work; consider "
+              "--threads 1", file=sys.stderr)
     started = time.perf_counter()
     template = build_template(args)
     n_batches = args.warmup + args.steps
