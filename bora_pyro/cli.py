@@ -155,6 +155,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         overrides["characters"] = tuple(args.characters)
     if args.eval_docs is not None:
         overrides["eval_docs_per_task"] = None if args.eval_docs <= 0 else args.eval_docs
+    if args.parameterization is not None:
+        overrides["parameterization"] = args.parameterization
     start = time.perf_counter()
     sweep = run_sweep(
         args.data, config=args.config, out=args.out, model=args.model, device=args.device,
@@ -163,10 +165,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print()
     print(sweep.overall_markdown())
     print()
-    best = sweep.best()
-    wins = sweep.wins(best)
+    best, finite = sweep.best(), sweep.best_finite()
+    wins = sweep.wins(finite)
     n = len(sweep.per_task)
-    print(f"best tau on validation: {best}; " + "; ".join(
+    print(f"best tau on validation: {best}; best finite tau: {finite}, " + "; ".join(
         f"better than {k[3:]} on {v} of {n} tasks" for k, v in wins.items()))
     print(f"tables, figures and summary.md in {sweep.out} ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -269,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--characters", nargs="+", default=None, metavar="TASK", help="Shakespeare tasks to use")
     sw.add_argument("--eval-docs", type=int, default=None,
                     help="test documents per task to evaluate on (0 = all; default: the config's)")
+    sw.add_argument("--parameterization", default=None, choices=["centered", "offset"],
+                    help="what MAP's optimiser moves: the task adapters or their offsets from the global "
+                         "adapter (default: the config's)")
     sw.add_argument("--model", default="smollm2-135m", help="base model (default smollm2-135m)")
     sw.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', ...")
     sw.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="autocast the base model (CUDA)")

@@ -63,6 +63,9 @@ class SweepConfig:
         Test documents per task to evaluate on (``None``: the whole test split).
     precision_groups
         For the learned tau (``"ab"``: one for the A matrices, one for the B matrices).
+    parameterization
+        What MAP's optimiser moves: ``"centered"`` (the task adapters) or ``"offset"`` (their
+        offsets from the global adapter); see `bora_pyro.inference.map.PointGuide`.
     seed
         Seeds the split, the initialisation and the batch order, identical for every fit.
     """
@@ -85,6 +88,7 @@ class SweepConfig:
     max_eval_docs_per_task: int | None = None
     eval_docs_per_task: int | None = None
     precision_groups: str = "ab"
+    parameterization: str = "centered"
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -180,24 +184,32 @@ class SweepResult:
         """Labels of the fitted precisions, in grid order."""
         return [r for r in self.overall["tau"] if r != "base"]
 
-    def best(self, by: str = "validation") -> str:
+    def best(self, by: str = "validation", *, finite: bool = False) -> str:
         """Label of the fixed tau (0 and inf included) with the lowest overall perplexity.
 
         ``by="validation"`` (default) selects on the validation split, as a user would;
         ``by="test"`` selects on the test split, as the paper reports its best tau.
+        ``finite=True`` chooses among the finite, positive values only (BoRA proper).
         """
         col = {"validation": "validation_perplexity", "test": "test_perplexity"}[by]
-        fixed = self.overall[(self.overall["tau"] != "base") & (self.overall["tau"] != "learn")]
+        excluded = ["base", "learn"] + (["0", "inf"] if finite else [])
+        fixed = self.overall[~self.overall["tau"].isin(excluded)]
         if fixed.empty:
-            raise ValueError("The sweep has no fixed-tau fit to choose from.")
+            raise ValueError(f"The sweep has no {'finite ' if finite else ''}fixed-tau fit to choose from.")
         return str(fixed.loc[fixed[col].idxmin(), "tau"])
 
-    def improvement(self, best: str | None = None) -> pd.DataFrame:
-        """Per task: relative improvement (%) of the best tau over ``tau=0`` and over ``tau=inf``.
+    def best_finite(self) -> str:
+        """`best` among the finite taus when the sweep has any, else among all fixed taus."""
+        has_finite = any(t not in ("0", "inf", "learn") for t in self.fitted)
+        return self.best(finite=has_finite)
 
-        ``100 * (ppl_ref - ppl_best) / ppl_ref``; positive when the best tau is better.
+    def improvement(self, best: str | None = None) -> pd.DataFrame:
+        """Per task: relative improvement (%) of a tau over ``tau=0`` and over ``tau=inf``.
+
+        ``100 * (ppl_ref - ppl_best) / ppl_ref``; positive when ``best`` is better. Default
+        ``best``: the best finite tau on validation (`best_finite`).
         """
-        best = best or self.best()
+        best = best or self.best_finite()
         df = pd.DataFrame({"n_train": self.per_task["n_train"]})
         for ref in ("0", "inf"):
             if ref in self.per_task:
@@ -205,7 +217,7 @@ class SweepResult:
         return df
 
     def wins(self, best: str | None = None) -> dict[str, int]:
-        """How many tasks the best tau beats tau=0 and tau=inf on (test perplexity)."""
+        """How many tasks ``best`` (default: the best finite tau) beats tau=0 and tau=inf on (test perplexity)."""
         imp = self.improvement(best)
         return {c: int((imp[c] > 0).sum()) for c in imp.columns if c.startswith("vs_")}
 
@@ -224,7 +236,7 @@ class SweepResult:
             secs = "" if r["tau"] == "base" else f"{r['seconds']:.0f}"
             lines.append(
                 f"| {name}{marks} | {r['test_perplexity']:.2f} | {r['validation_perplexity']:.2f} | "
-                f"{r['learned_tau'] or ''} | {steps} | {secs} |"
+                f"{'' if pd.isna(r['learned_tau']) else r['learned_tau']} | {steps} | {secs} |"
             )
         return "\n".join(lines)
 
@@ -280,19 +292,20 @@ class SweepResult:
 
     def summary(self) -> str:
         """A short Markdown account: the best tau, its wins against the limits, the set-up."""
-        best = self.best()
+        best, finite = self.best(), self.best_finite()
         ov = self.overall.set_index("tau")["test_perplexity"]
-        wins = self.wins(best)
+        wins = self.wins(finite)
         n = len(self.per_task)
         parts = [
             f"# BoRA precision sweep: {self.config.name}",
             "",
             f"Best fixed tau on validation: **{best}** (test perplexity {ov[best]:.2f}); "
-            f"best on test: {self.best('test')} ({ov[self.best('test')]:.2f}).",
+            f"best on test: {self.best('test')} ({ov[self.best('test')]:.2f}). "
+            f"Best finite tau on validation: {finite} ({ov[finite]:.2f}).",
         ]
         for ref in ("0", "inf"):
             if ref in ov and f"vs_tau={ref}" in wins:
-                parts.append(f"- vs tau={ref}: {ov[ref]:.2f} overall; tau={best} better on "
+                parts.append(f"- vs tau={ref}: {ov[ref]:.2f} overall; tau={finite} better on "
                              f"{wins[f'vs_tau={ref}']} of {n} tasks.")
         if "learn" in ov:
             parts.append(f"- learned tau ({self.overall.set_index('tau').loc['learn', 'learned_tau']}): {ov['learn']:.2f}.")
@@ -370,14 +383,19 @@ def run_sweep(
     settings.pop("taus")
     settings.pop("name")
     settings["model"] = model if isinstance(model, (str, os.PathLike)) else "<object>"
+    settings = json.loads(json.dumps(settings, default=str))
     if state_path.exists():
         previous = json.loads(state_path.read_text())
-        if previous.get("settings") != json.loads(json.dumps(settings, default=str)):
+        # settings added to SweepConfig after a sweep was written count as their defaults
+        defaults = json.loads(json.dumps(SweepConfig(name="").to_dict(), default=str))
+        old = {k: previous.get("settings", {}).get(k, defaults.get(k)) for k in settings}
+        if old != settings:
             raise ValueError(
                 f"{out} holds a sweep with other settings ({state_path}); use another folder or "
                 "the same configuration to continue it."
             )
         state = previous
+        state["settings"] = settings
     else:
         state = {"settings": settings, "fits": {}}
     state["config"] = config.to_dict()
@@ -400,7 +418,8 @@ def run_sweep(
     fit_kwargs = dict(
         model=base, tokenizer=tokenizer, rank=config.rank, alpha=config.alpha,
         target_modules=list(config.target_modules) if config.target_modules else None,
-        precision_groups=config.precision_groups, max_steps=config.max_steps, epochs=config.epochs,
+        precision_groups=config.precision_groups, parameterization=config.parameterization,
+        max_steps=config.max_steps, epochs=config.epochs,
         batch_size=config.batch_size, lr=config.lr, eval_every=config.eval_every,
         patience=config.patience, max_eval_docs_per_task=config.max_eval_docs_per_task,
         device=device, autocast=autocast, seed=config.seed, progress=progress,

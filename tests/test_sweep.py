@@ -61,6 +61,7 @@ def test_improvement_and_best_follow_the_definitions():
     })
     sweep = SweepResult(config=TINY, per_task=per_task, overall=overall, distances=per_task[[]])
     assert sweep.best("test") == "100" and sweep.best("validation") == "inf"
+    assert sweep.best("validation", finite=True) == sweep.best_finite() == "100"
     imp = sweep.improvement("100")
     assert_close(imp["vs_tau=0"].to_numpy(), [10.0, 25.0])
     assert_close(imp["vs_tau=inf"].to_numpy(), [25.0, 6.25])

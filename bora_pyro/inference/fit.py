@@ -48,6 +48,7 @@ def fit_map(
     patience: int | None = 3,
     max_eval_docs_per_task: int | None = None,
     tau_update_every: int | None = None,
+    parameterization: str = "centered",
     task_column: str = "task",
     text_column: str = "text",
     prompt_column: str | None = None,
@@ -110,6 +111,11 @@ def fit_map(
         stops after ``patience`` evaluations without improvement (``None``: never early).
     tau_update_every
         With ``tau="learn"``: steps between evidence updates of tau (default: 20 per run).
+    parameterization
+        What the optimiser moves: the task adapters (``"centered"``, default) or their offsets
+        from the global adapter (``"offset"``). Same objective and optimum; ``"offset"`` trains
+        much faster at a large tau (strong pooling), ``"centered"`` at a small one. See
+        `bora_pyro.inference.map.PointGuide`.
     task_column, text_column, prompt_column, completion_column, tasks, max_length,
     test_size, validation_size
         How to read and split the data (see `bora_pyro.data.build_corpus`); the split is seeded
@@ -161,7 +167,7 @@ def fit_map(
         "warmup_steps": warmup_steps, "weight_decay": weight_decay, "lr_per_tau": lr_per_tau,
         "eval_every": eval_every, "patience": patience,
         "max_eval_docs_per_task": max_eval_docs_per_task, "tau_update_every": tau_update_every,
-        "autocast": autocast, "seed": seed,
+        "parameterization": parameterization, "autocast": autocast, "seed": seed,
     }
     state = optimise_map(
         run.bora,
@@ -175,6 +181,7 @@ def fit_map(
         lr_per_tau=lr_per_tau,
         batch_fraction=batch_size / len(run.train),
         tau_update_every=tau_update_every or max(1, run.steps // 20),
+        parameterization=parameterization,
         validate=run.validate,
         eval_every=eval_every or max(1, run.steps // 10),
         patience=patience,

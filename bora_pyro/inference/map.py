@@ -16,36 +16,74 @@ from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 from .precision import FisherEstimate, evidence_update
 
-__all__ = ["MAPStepper", "PointGuide", "optimise_map", "map_guide"]
+__all__ = ["MAPStepper", "PointGuide", "optimise_map", "map_guide", "PARAMETERIZATIONS"]
+
+#: How the MAP guide parameterises the task adapters (see `PointGuide`).
+PARAMETERIZATIONS = ("centered", "offset")
 
 
 class PointGuide(nn.Module):
     """The MAP guide: one point for each latent site, ``task_adapters [D, P]`` and
     ``global_adapter [P]`` (whichever the model's tau mode has), every task starting at
-    ``init_global``. Its sites are `PointMass` distributions, so the ELBO is the log joint."""
+    ``init_global``. Its sites are `PointMass` distributions, so the ELBO is the log joint.
 
-    def __init__(self, model: BoraModel, init_global: torch.Tensor):
+    ``parameterization`` (with both sites, i.e. a finite tau > 0):
+
+    ``"centered"`` (default)
+        The optimiser moves the task adapters ``theta_d`` and ``Theta``. ``Theta`` learns only
+        through the prior's pull towards the task adapters, which is slow when tau is large
+        (the coupling is stiff): on Shakespeare, 100 steps at tau = 1e5 under-fitted badly
+        (docs/reproduction.md).
+    ``"offset"``
+        The optimiser moves ``Theta`` and the offsets ``delta_d = theta_d - Theta``. The
+        objective and its optimum are the same (a linear map with unit Jacobian), but ``Theta``
+        receives every document's likelihood gradient directly, so a large tau trains like the
+        pooled adapter. The price is the mirror image: with a small tau the direction that moves
+        ``Theta`` against all offsets is only weakly curved, and convergence there is slow.
+    """
+
+    def __init__(self, model: BoraModel, init_global: torch.Tensor, parameterization: str = "centered"):
         super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"parameterization={parameterization!r} is not valid; choose one of {PARAMETERIZATIONS}."
+            )
         self.num_tasks = model.num_tasks
         init = init_global.detach().float()
-        tasks = init.expand(model.num_tasks, -1).clone() if model.mode != "pooled" else None
-        theta_g = init.clone() if model.mode != "independent" else None
-        self.task_adapters = None if tasks is None else nn.Parameter(tasks)
-        self.global_adapter = None if theta_g is None else nn.Parameter(theta_g)
+        has_tasks, has_global = model.mode != "pooled", model.mode != "independent"
+        offsets = has_tasks and has_global and parameterization == "offset"
+        self.global_adapter = nn.Parameter(init.clone()) if has_global else None
+        self.task_adapters = (
+            nn.Parameter(init.expand(model.num_tasks, -1).clone()) if has_tasks and not offsets else None
+        )
+        self.task_offsets = nn.Parameter(torch.zeros(model.num_tasks, init.shape[-1])) if offsets else None
+
+    @property
+    def task_parameter(self) -> nn.Parameter | None:
+        """The ``[D, P]`` parameter whose gradient is the gradient in the task adapters."""
+        return self.task_offsets if self.task_offsets is not None else self.task_adapters
+
+    def values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(task adapters [D, P] or None, global adapter [P] or None)``, differentiable."""
+        theta = self.task_adapters
+        if self.task_offsets is not None:
+            theta = self.global_adapter + self.task_offsets
+        return theta, self.global_adapter
 
     def forward(self, batch, *, tau=None) -> dict[str, torch.Tensor]:
+        theta, theta_g = self.values()
         out = {}
-        if self.global_adapter is not None:
-            out[SITE_GLOBAL] = pyro.sample(SITE_GLOBAL, PointMass(self.global_adapter))
-        if self.task_adapters is not None:
+        if theta_g is not None:
+            out[SITE_GLOBAL] = pyro.sample(SITE_GLOBAL, PointMass(theta_g))
+        if theta is not None:
             with pyro.plate("tasks", self.num_tasks, dim=-1):
-                out[SITE_TASKS] = pyro.sample(SITE_TASKS, PointMass(self.task_adapters))
+                out[SITE_TASKS] = pyro.sample(SITE_TASKS, PointMass(theta))
         return out
 
 
-def map_guide(model: BoraModel, init_global: torch.Tensor) -> PointGuide:
+def map_guide(model: BoraModel, init_global: torch.Tensor, parameterization: str = "centered") -> PointGuide:
     """A delta (point) guide over the model's latent sites, every task adapter starting at ``init_global``."""
-    return PointGuide(model, init_global)
+    return PointGuide(model, init_global, parameterization)
 
 
 class MAPStepper(Stepper):
@@ -59,6 +97,8 @@ class MAPStepper(Stepper):
         ``B / N`` (the Fisher estimate's scale); needed when tau is learned.
     tau_update_every, tau_warmup
         Steps between evidence updates, and steps before the first one.
+    parameterization
+        ``"centered"`` or ``"offset"``: what the optimiser moves (see `PointGuide`).
     """
 
     name = "BoRA MAP"
@@ -73,9 +113,15 @@ class MAPStepper(Stepper):
         batch_fraction: float | None = None,
         tau_update_every: int = 50,
         tau_warmup: int = 0,
+        parameterization: str = "centered",
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
     ):
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"parameterization={parameterization!r} is not valid; choose one of {PARAMETERIZATIONS}."
+            )
+        self.parameterization = parameterization
         super().__init__(model, Trace_ELBO(), lr=lr, weight_decay=weight_decay, device=device,
                          autocast_dtype=autocast_dtype)
         if self.learn and batch_fraction is None:
@@ -89,14 +135,13 @@ class MAPStepper(Stepper):
         self._task_param = None
 
     def build_guide(self):
-        return map_guide(self.model, self.init_global)
+        return map_guide(self.model, self.init_global, self.parameterization)
 
     def param_groups(self):
         groups = super().param_groups()
         for g in groups:
-            g["name"] = SITE_TASKS if g["name"].startswith(SITE_TASKS) else SITE_GLOBAL
-            if g["name"] == SITE_TASKS:
-                self._task_param = g["params"][0]
+            g["name"] = SITE_TASKS if g["params"][0] is self.guide.task_parameter else SITE_GLOBAL
+        self._task_param = self.guide.task_parameter
         return groups
 
     def after_backward(self) -> None:
@@ -129,7 +174,7 @@ class MAPStepper(Stepper):
 
     @torch.no_grad()
     def point(self) -> tuple[torch.Tensor, torch.Tensor]:
-        theta, theta_g = self.guide.task_adapters, self.guide.global_adapter
+        theta, theta_g = self.guide.values()
         if theta is None:
             theta = theta_g.expand(self.model.num_tasks, -1)
         elif theta_g is None:
@@ -151,6 +196,7 @@ def optimise_map(
     batch_fraction: float | None = None,
     tau_update_every: int = 50,
     tau_warmup: int | None = None,
+    parameterization: str = "centered",
     validate: Callable[[torch.Tensor], float] | None = None,
     eval_every: int | None = None,
     patience: int | None = None,
@@ -181,6 +227,8 @@ def optimise_map(
     tau_update_every, tau_warmup
         With a learned tau: steps between evidence updates, and steps before the first one
         (default: a fifth of ``steps``; the Fisher estimate needs B != 0 first).
+    parameterization
+        ``"centered"`` (default) or ``"offset"``: see `PointGuide`.
     validate, eval_every, patience
         ``validate(task_adapters) -> validation NLL per token``, run every ``eval_every`` steps
         and at the end; the best state is kept, and after ``patience`` evaluations without
@@ -204,7 +252,7 @@ def optimise_map(
         model, init_global=init_global, lr=lr, weight_decay=weight_decay,
         batch_fraction=batch_fraction, tau_update_every=tau_update_every,
         tau_warmup=steps // 5 if tau_warmup is None else tau_warmup,
-        device=device, autocast_dtype=autocast_dtype,
+        parameterization=parameterization, device=device, autocast_dtype=autocast_dtype,
     )
     return run_steps(
         stepper, batches, steps=steps, lr_schedule=lr_schedule, warmup_steps=warmup_steps,

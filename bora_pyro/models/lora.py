@@ -267,8 +267,9 @@ class MultiTaskLM(nn.Module):
         ``nll[n] = -sum_{t: labels[n,t] != -100} log p(labels[n, t] | input_ids[n, :t])``.
         """
         logits = self.forward(input_ids, attention_mask, adapters=adapters, task_ids=task_ids)
-        logits = logits[:, :-1]
-        target = labels[:, 1:]
+        # Shift the labels, not the logits: slicing logits[:, :-1] would copy the whole [N, L, V]
+        # tensor (and its gradient) to make it contiguous; the last position scores nothing.
+        target = F.pad(labels[:, 1:], (0, 1), value=-100)
         nll = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
             ignore_index=-100, reduction="none",

@@ -69,15 +69,8 @@ def plot_precision_curve(sweep: Any, *, ax=None):
     ax.scatter([pos[best]], [overall[best]], s=160, facecolors="none", edgecolors="k", lw=1.5, zorder=4,
                label=f"best on validation: tau={best}")
     ax.set_xticks(xs, [_tick_label(t) for t in fixed])
-    for limit in ("0", "inf"):  # the limits are not on the log scale: dotted joins
-        if limit in pos:
-            inner = [x for t, x in zip(fixed, xs) if t not in ("0", "inf")]
-            if inner:
-                edge = min(inner) if limit == "0" else max(inner)
-                ax.axvspan(min(pos[limit], edge) + 0.35, max(pos[limit], edge) - 0.35, color="0.93", zorder=0)
-    ax.set_yscale("log")
-    ax.set_xlabel(r"prior precision $\tau$")
-    ax.set_ylabel("test perplexity (log scale)")
+    ax.set_xlabel(r"prior precision $\tau$ (log scale; 0 and $\infty$ placed at the ends)")
+    ax.set_ylabel("test perplexity")
     ax.set_title(f"Test perplexity vs precision ({sweep.config.name} sweep, {len(sweep.per_task)} tasks)", fontsize=11)
     ax.grid(alpha=0.3, which="both", axis="y")
     _legend(fig, ax, owns, ncol=2)
@@ -85,10 +78,10 @@ def plot_precision_curve(sweep: Any, *, ax=None):
 
 
 def plot_improvement(sweep: Any, *, best: str | None = None, ax=None):
-    """Relative improvement (%) of the best tau over tau = 0 and over tau = inf, per task,
-    against the task's training documents (log x). The paper's Figure 2: the gain over
+    """Relative improvement (%) of the best finite tau (on validation; or ``best``) over tau = 0
+    and over tau = inf, per task, against the task's training documents (log x). The paper's Figure 2: the gain over
     independent training is largest for small tasks, the gain over pooling for large ones."""
-    best = best or sweep.best()
+    best = best or sweep.best_finite()
     imp = sweep.improvement(best)
     owns = ax is None
     fig, ax = _new_axes(ax, (_WIDTH, 5.0))
@@ -101,7 +94,8 @@ def plot_improvement(sweep: Any, *, best: str | None = None, ax=None):
     ax.set_xscale("log")
     ax.set_xlabel("training documents of the task (log scale)")
     ax.set_ylabel(f"improvement of tau={best} (% of perplexity)")
-    ax.set_title(f"Relative improvement of the best tau ({best}) over the limits, per task", fontsize=11)
+    ax.set_title(f"Relative improvement of tau={best} (the best finite tau on validation) over the limits, per task",
+                 fontsize=11)
     ax.grid(alpha=0.3)
     _legend(fig, ax, owns, ncol=2)
     return fig
@@ -119,7 +113,7 @@ def plot_sweep_distance(sweep: Any, *, taus: Sequence[str] | None = None, ax=Non
     fig, ax = _new_axes(ax, (_WIDTH, 5.0))
     n = sweep.per_task["n_train"].loc[sweep.distances.index].to_numpy()
     order = np.argsort(n, kind="stable")
-    best = sweep.best()
+    best = sweep.best_finite()
     for i, t in enumerate(taus):
         y = sweep.distances[t].to_numpy()
         emphasis = t == best

@@ -40,6 +40,16 @@ def test_map_matches_closed_form_mode(tau):
     torch.testing.assert_close(state.global_adapter.double(), Theta, atol=2e-3, rtol=0)
 
 
+def test_offset_parameterization_reaches_the_same_mode():
+    problem = GaussianProblem.make()
+    state = _fit(problem, 4.0, parameterization="offset")
+    theta, Theta = problem.map_for_tau(4.0)
+    torch.testing.assert_close(state.task_adapters.double(), theta, atol=2e-3, rtol=0)
+    torch.testing.assert_close(state.global_adapter.double(), Theta, atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="parameterization='nope' is not valid"):
+        _fit(problem, 4.0, steps=1, parameterization="nope")
+
+
 def test_tau_zero_is_independent_and_tau_inf_is_pooled():
     problem = GaussianProblem.make()
     _, ybar = problem.stats()
