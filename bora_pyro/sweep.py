@@ -64,8 +64,8 @@ class SweepConfig:
     precision_groups
         For the learned tau (``"ab"``: one for the A matrices, one for the B matrices).
     parameterization
-        What MAP's optimiser moves: ``"centered"`` (the task adapters) or ``"offset"`` (their
-        offsets from the global adapter); see `bora_pyro.inference.map.PointGuide`.
+        What MAP's optimiser moves: ``"offset"`` (the global adapter and each task's offset from
+        it; default) or ``"centered"`` (the task adapters); see `bora_pyro.inference.map.PointGuide`.
     seed
         Seeds the split, the initialisation and the batch order, identical for every fit.
     """
@@ -88,7 +88,7 @@ class SweepConfig:
     max_eval_docs_per_task: int | None = None
     eval_docs_per_task: int | None = None
     precision_groups: str = "ab"
-    parameterization: str = "centered"
+    parameterization: str = "offset"
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -386,8 +386,9 @@ def run_sweep(
     settings = json.loads(json.dumps(settings, default=str))
     if state_path.exists():
         previous = json.loads(state_path.read_text())
-        # settings added to SweepConfig after a sweep was written count as their defaults
+        # settings added to SweepConfig after a sweep was written count as their defaults then
         defaults = json.loads(json.dumps(SweepConfig(name="").to_dict(), default=str))
+        defaults["parameterization"] = "centered"  # sweeps written before it was a setting
         old = {k: previous.get("settings", {}).get(k, defaults.get(k)) for k in settings}
         if old != settings:
             raise ValueError(

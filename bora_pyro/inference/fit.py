@@ -48,7 +48,7 @@ def fit_map(
     patience: int | None = 3,
     max_eval_docs_per_task: int | None = None,
     tau_update_every: int | None = None,
-    parameterization: str = "centered",
+    parameterization: str = "offset",
     task_column: str = "task",
     text_column: str = "text",
     prompt_column: str | None = None,
@@ -112,9 +112,9 @@ def fit_map(
     tau_update_every
         With ``tau="learn"``: steps between evidence updates of tau (default: 20 per run).
     parameterization
-        What the optimiser moves: the task adapters (``"centered"``, default) or their offsets
-        from the global adapter (``"offset"``). Same objective and optimum; ``"offset"`` trains
-        much faster at a large tau (strong pooling), ``"centered"`` at a small one. See
+        What the optimiser moves: the global adapter and each task's offset from it
+        (``"offset"``, default), or the task adapters themselves (``"centered"``). Same
+        objective and optimum; ``"offset"`` trains much faster unless tau is tiny. See
         `bora_pyro.inference.map.PointGuide`.
     task_column, text_column, prompt_column, completion_column, tasks, max_length,
     test_size, validation_size
