@@ -386,9 +386,8 @@ def run_sweep(
     settings = json.loads(json.dumps(settings, default=str))
     if state_path.exists():
         previous = json.loads(state_path.read_text())
-        # settings added to SweepConfig after a sweep was written count as their defaults then
+        # settings added to SweepConfig after a sweep was written count as their defaults
         defaults = json.loads(json.dumps(SweepConfig(name="").to_dict(), default=str))
-        defaults["parameterization"] = "centered"  # sweeps written before it was a setting
         old = {k: previous.get("settings", {}).get(k, defaults.get(k)) for k in settings}
         if old != settings:
             raise ValueError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -35,9 +34,8 @@ def _execute(name: str, workdir: Path):
     client = nbclient.NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}},
     )
-    start = time.perf_counter()
     client.execute(env=env)
-    return nb, time.perf_counter() - start
+    return nb
 
 
 def _outputs(nb, *, containing: str | None = None) -> list:
@@ -89,8 +87,7 @@ def test_fast_mode_switch_is_one_cell(name):
 
 @needs_shakespeare
 def test_quickstart_runs(tmp_path):
-    nb, seconds = _execute("01_quickstart.ipynb", tmp_path)
-    assert seconds < 120, f"fast mode took {seconds:.0f} s"
+    nb = _execute("01_quickstart.ipynb", tmp_path)
     errors = [out for out in _outputs(nb) if out.output_type == "error"]
     assert not errors
 
@@ -106,8 +103,7 @@ def test_quickstart_runs(tmp_path):
 
 @needs_shakespeare
 def test_uncertainty_runs(tmp_path):
-    nb, seconds = _execute("02_uncertainty.ipynb", tmp_path)
-    assert seconds < 120, f"fast mode took {seconds:.0f} s"
+    nb = _execute("02_uncertainty.ipynb", tmp_path)
     errors = [out for out in _outputs(nb) if out.output_type == "error"]
     assert not errors
 
