@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import BoraConfig
+from .runtime import autocast_dtype as _autocast_dtype
 from .evaluation import per_doc_nll, per_task_nll, perplexity_table, predictive_table
 
 __all__ = ["BoraResult", "load_result"]
@@ -395,15 +396,6 @@ def load_result(
         fit_args=meta.get("fit_args", {}),
         task_scales=tensors.get("task_scales"),
     )
-
-
-def _autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
-    if name is None:
-        return None
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"autocast={name!r} is not valid; choose None, 'bf16' or 'fp16'.")
-    return table[name]
 
 
 def _jsonable(value: Any) -> Any:

@@ -14,7 +14,8 @@ from ..config import BoraConfig
 from ..evaluation import per_task_nll
 from ..models.bora import BoraModel, lm_log_likelihood
 from ..models.lora import MultiTaskLM
-from ..result import BoraResult, _autocast_dtype
+from ..result import BoraResult
+from ..runtime import autocast_dtype as _autocast_dtype
 from .checkpoint import Checkpointing, make_checkpointing
 from .loop import FitState
 from .map import optimise_map

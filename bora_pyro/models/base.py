@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..runtime import resolve_device
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -89,51 +91,6 @@ def default_cache_dir() -> Path:
     if xdg:
         return Path(xdg).expanduser() / "bora_pyro"
     return Path.home() / ".cache" / "bora_pyro"
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Turn a device request into a ``torch.device``.
-
-    Parameters
-    ----------
-    device : str or torch.device, default "auto"
-        ``"auto"`` picks ``cuda`` when available, else ``cpu``; otherwise anything
-        ``torch.device`` accepts (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
-
-    Raises
-    ------
-    ValueError
-        For a string torch cannot parse, or a CUDA device that is not available.
-    """
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, torch.device):
-        resolved = device
-    elif isinstance(device, str):
-        try:
-            resolved = torch.device(device.strip())
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(
-                f"device={device!r} is not a device torch knows; use 'auto', 'cpu', 'cuda' or "
-                f"'cuda:<index>'."
-            ) from err
-    else:
-        raise ValueError(
-            f"device must be a string such as 'auto', 'cpu', 'cuda:0' or a torch.device, got "
-            f"{device!r} ({type(device).__name__})."
-        )
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={str(device)!r} asks for CUDA, but CUDA is not available here; use "
-                f"device='cpu' or device='auto'."
-            )
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={str(device)!r} asks for CUDA device {resolved.index}, but only "
-                f"{torch.cuda.device_count()} device(s) exist; use an index below that."
-            )
-    return resolved
 
 
 def default_gguf_path() -> Path:

@@ -117,7 +117,7 @@ def diagonal_fisher(
     -------
     ``[D, P]`` float32 on the CPU; rows of tasks without documents are zero.
     """
-    from ..result import _autocast_dtype
+    from ..runtime import autocast_dtype as _autocast_dtype
 
     _check_positive_int("batch_size", batch_size)
     data = result.corpus.split(split)

@@ -190,7 +190,7 @@ def calibration_per_task(
     -------
     `Calibration`; ``.table()`` has the ECE per task, ``.reliability(task)`` the diagram data.
     """
-    from ..result import _autocast_dtype
+    from ..runtime import autocast_dtype as _autocast_dtype
 
     n_bins = _check_bins(n_bins)
     choices = {"tasks": result.task_adapters, "global": result.global_adapter, "base": None}
