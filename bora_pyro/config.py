@@ -1,16 +1,42 @@
-"""`BoraConfig`: the knobs of the BoRA model, validated once and saved next to the weights."""
+"""Every setting of bora_pyro, in three dataclasses, each field with its default and help text once:
+
+- `DataConfig`: how to read and split the data (columns, ``max_length``, split sizes, tasks);
+- `BoraConfig`: the model (LoRA shape, the prior's precision tau and its hyperprior);
+- `TrainConfig`: how to fit (length, batch, AdamW and its schedule, validation and early
+  stopping, the learned-tau updates, the SVI guide, device, seed, checkpoints).
+
+Every layer takes these objects, not loose keywords; ``fit_map(data, rank=4, lr=1e-3)`` still
+works because `resolve_settings` turns flat keywords into fields of the three objects (an
+unknown keyword is an error listing the valid ones). The command line is generated from the
+fields (their types, defaults and ``help`` metadata), so ``bora fit --help`` shows the same
+defaults and texts as these docstrings. Each object is validated in ``__post_init__`` and saved
+with a result (`to_dict` / `from_dict`). This module imports nothing heavy (no torch), so that
+the command line can check its arguments before it loads a model.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar, Sequence
 
-__all__ = ["BoraConfig", "parse_tau", "PRECISION_GROUPINGS"]
+from . import checks
+
+__all__ = [
+    "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "parse_tau",
+    "PRECISION_GROUPINGS", "PARAMETERIZATIONS", "LR_SCHEDULES", "AUTOCAST_CHOICES",
+]
 
 #: How parameters may share a precision: one tau for all, one for all A and one for all B, or
 #: one per (module kind, A|B), e.g. ``q_proj.A``.
 PRECISION_GROUPINGS = ("shared", "ab", "module")
+#: What MAP's optimiser moves (see `bora_pyro.inference.map.PointGuide`).
+PARAMETERIZATIONS = ("offset", "centered")
+#: Learning-rate schedules after the linear warm-up.
+LR_SCHEDULES = ("cosine", "linear", "constant")
+#: Names accepted by ``autocast=`` (see `bora_pyro.runtime.autocast_dtype`).
+AUTOCAST_CHOICES = ("bf16", "fp16")
 
 
 def parse_tau(tau: Any) -> float | str | dict[str, float]:
@@ -52,8 +78,117 @@ def parse_tau(tau: Any) -> float | str | dict[str, float]:
     return tau
 
 
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata: the help text shown by ``bora ... --help`` (and extra CLI hints)."""
+    return {"help": text, **extra}
+
+
+class _Settings:
+    """Shared behaviour of the three config dataclasses: dict round trip with clear errors."""
+
+    #: Shown in error messages ("data setting", "model setting", "training setting").
+    kind: ClassVar[str] = "setting"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init and f.name != "version"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (tuples as lists, ``inf`` as the string ``"inf"``)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and math.isinf(value):
+                value = "inf" if value > 0 else "-inf"
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Rebuild from `to_dict` output; unknown keys are an error listing the valid ones,
+        missing keys take their defaults (a file written by an older version still loads)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}.")
+        valid = [f.name for f in fields(cls) if f.init]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"Unknown {cls.kind}(s) {unknown} for {cls.__name__}; valid: {sorted(valid)}."
+            )
+        return cls(**d)
+
+
 @dataclass
-class BoraConfig:
+class DataConfig(_Settings):
+    """How to read the data and split each task's documents.
+
+    Attributes
+    ----------
+    task_column, text_column
+        Columns holding each document's task label and its text.
+    prompt_column, completion_column
+        Instead of ``text_column``: a prompt and a completion per document; only the completion
+        tokens are scored.
+    tasks
+        The tasks to keep (default: every task in the data), in this order.
+    max_length
+        Documents are truncated to this many tokens.
+    test_size, validation_size
+        Share of each task's documents held out for testing (0.33 as in the paper) and for
+        validation (early stopping), drawn with ``TrainConfig.seed``, stratified by task.
+    """
+
+    kind: ClassVar[str] = "data setting"
+
+    task_column: str = field(default="task", metadata=_help("column with each document's task"))
+    text_column: str = field(default="text", metadata=_help("column with each document's text"))
+    prompt_column: str | None = field(
+        default=None, metadata=_help("with --completion-column: a prompt column (its tokens are not scored)"))
+    completion_column: str | None = field(
+        default=None, metadata=_help("with --prompt-column: the completion column (only its tokens are scored)"))
+    tasks: Sequence[str] | None = field(
+        default=None, metadata=_help("tasks to keep, in this order (default: all)", metavar="TASK"))
+    max_length: int = field(default=256, metadata=_help("truncate documents to this many tokens"))
+    test_size: float = field(default=0.33, metadata=_help("share of each task's documents held out for testing"))
+    validation_size: float = field(
+        default=0.1, metadata=_help("share of each task's documents held out for validation (early stopping)"))
+
+    def __post_init__(self) -> None:
+        for name in ("task_column", "text_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a column name (a non-empty string), got {getattr(self, name)!r}.")
+        for name in ("prompt_column", "completion_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a column name or None, got {value!r}.")
+        if (self.prompt_column is None) != (self.completion_column is None):
+            raise ValueError(
+                "prompt_column and completion_column go together: pass both (only completion "
+                f"tokens are scored) or neither; got prompt_column={self.prompt_column!r}, "
+                f"completion_column={self.completion_column!r}."
+            )
+        if isinstance(self.tasks, str):
+            raise ValueError(f"tasks must be a list of task names, got the string {self.tasks!r}; wrap it in a list.")
+        if self.tasks is not None:
+            self.tasks = list(self.tasks)
+            if not self.tasks:
+                raise ValueError("tasks=[] selects no task; pass None for every task.")
+        self.max_length = checks.positive_int("max_length", self.max_length)
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} leaves no token to predict; use at least 2.")
+        self.test_size = checks.fraction("test_size", self.test_size)
+        self.validation_size = checks.fraction("validation_size", self.validation_size)
+        if self.test_size + self.validation_size >= 1:
+            raise ValueError(
+                f"test_size + validation_size = {self.test_size + self.validation_size:g} leaves no "
+                "training documents; make their sum < 1."
+            )
+
+
+@dataclass
+class BoraConfig(_Settings):
     """The model: LoRA shape and the hierarchical prior.
 
     Attributes
@@ -77,44 +212,58 @@ class BoraConfig:
         ``(concentration, rate)`` of the Gamma hyperprior on each learned tau.
     tau_init
         Starting value of a learned tau.
+    version
+        The bora_pyro version that made the config (filled in automatically).
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: Sequence[str] | None = None
-    tau: float | str | dict[str, float] = "learn"
-    precision_groups: str = "ab"
-    tau_prior: tuple[float, float] = (1.0, 1e-3)
-    tau_init: float = 1e3
-    version: str = field(default="")
+    kind: ClassVar[str] = "model setting"
+
+    rank: int = field(default=8, metadata=_help("LoRA rank"))
+    alpha: float = field(default=16.0, metadata=_help("LoRA alpha (the update is scaled by alpha / rank)"))
+    target_modules: Sequence[str] | None = field(
+        default=None, metadata=_help(
+            "modules to adapt, e.g. q_proj v_proj (default: every linear layer of the blocks)",
+            metavar="MODULE", cli="targets"))
+    tau: float | str | dict[str, float] = field(
+        default="learn", metadata=_help(
+            "prior precision: a number, 0 (independent adapters), inf (one pooled adapter) or 'learn'"))
+    precision_groups: str = field(
+        default="ab", metadata=_help("one tau for all ('shared'), for A and B ('ab'), or per module kind ('module')",
+                                     choices=PRECISION_GROUPINGS))
+    tau_prior: tuple[float, float] = field(
+        default=(1.0, 1e-3), metadata=_help("Gamma(concentration, rate) hyperprior of a learned tau",
+                                            metavar=("CONCENTRATION", "RATE")))
+    tau_init: float = field(default=1e3, metadata=_help("starting value of a learned tau"))
+    version: str = field(default="", metadata=_help("bora_pyro version that made the config", cli=None))
 
     def __post_init__(self) -> None:
         from . import __version__
 
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got rank={self.rank!r}.")
-        self.alpha = float(self.alpha)
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got alpha={self.alpha!r}.")
+        self.rank = checks.positive_int("rank", self.rank)
+        self.alpha = checks.positive_number("alpha", self.alpha)
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         if self.target_modules is not None:
             self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+                raise ValueError(
+                    f"target_modules={self.target_modules!r} must be None or a non-empty list of module "
+                    "names, e.g. ['q_proj', 'v_proj']."
+                )
         self.tau = parse_tau(self.tau)
-        if self.precision_groups not in PRECISION_GROUPINGS:
+        checks.choice("precision_groups", self.precision_groups, PRECISION_GROUPINGS)
+        try:
+            a, b = (float(x) for x in self.tau_prior)
+        except (TypeError, ValueError):
             raise ValueError(
-                f"precision_groups={self.precision_groups!r} is not valid; choose one of "
-                f"{PRECISION_GROUPINGS}."
-            )
-        a, b = (float(x) for x in self.tau_prior)
-        if not (a > 0 and b >= 0):
+                f"tau_prior must be a pair (concentration, rate) of numbers, got {self.tau_prior!r}."
+            ) from None
+        if not (math.isfinite(a) and a > 0 and math.isfinite(b) and b >= 0):
             raise ValueError(
                 f"tau_prior=(concentration, rate)={self.tau_prior!r} needs concentration > 0 and rate >= 0."
             )
         self.tau_prior = (a, b)
-        self.tau_init = float(self.tau_init)
-        if not (math.isfinite(self.tau_init) and self.tau_init > 0):
-            raise ValueError(f"tau_init must be finite and > 0, got {self.tau_init!r}.")
+        self.tau_init = checks.positive_number("tau_init", self.tau_init)
         self.version = self.version or __version__
 
     @property
@@ -128,16 +277,192 @@ class BoraConfig:
             return "pooled"
         return "fixed"
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able (``inf`` is written as the string ``"inf"``)."""
-        d = asdict(self)
-        if isinstance(self.tau, float) and math.isinf(self.tau):
-            d["tau"] = "inf"
-        d["tau_prior"] = list(self.tau_prior)
-        return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BoraConfig":
-        d = dict(d)
-        d["tau_prior"] = tuple(d.get("tau_prior", (1.0, 1e-3)))
-        return cls(**d)
+@dataclass
+class TrainConfig(_Settings):
+    """How to fit: length, minibatches, AdamW, validation, the learned tau, SVI, device, checkpoints.
+
+    Attributes
+    ----------
+    max_steps, epochs
+        Length of training: ``max_steps`` optimiser steps, else ``epochs`` passes over the
+        training documents (3 when both are ``None``).
+    batch_size
+        Documents per minibatch (tasks mixed; the likelihood is scaled by N / B).
+    lr, lr_schedule, warmup_steps, weight_decay
+        AdamW: learning rate, its schedule after a linear warm-up of ``warmup_steps`` steps
+        (``"cosine"`` to 0.1 lr, ``"linear"`` to 0.1 lr, ``"constant"``), and decoupled weight
+        decay (keep 0 for a true MAP: the prior is the regulariser).
+    lr_per_tau
+        The paper's trick: learning rate ``lr_per_tau * tau`` (one fixed finite tau only).
+    eval_every, patience, max_eval_docs_per_task
+        Validation perplexity every ``eval_every`` steps (``None``: 10 times per run) on at most
+        ``max_eval_docs_per_task`` documents per task; the best state is kept, and training stops
+        after ``patience`` evaluations without improvement (``None``: never early).
+    tau_update_every, tau_warmup
+        With ``tau="learn"``: steps between updates of tau and steps before the first one
+        (``None``: the method's default; MAP updates 20 times per run after a fifth of it, SVI
+        every step, after a fifth of the run unless it starts from a MAP fit).
+    parameterization
+        MAP only: what the optimiser moves, the global adapter and each task's offset from it
+        (``"offset"``) or the task adapters (``"centered"``); same objective and optimum.
+    num_particles, init_scale
+        SVI only: Monte Carlo draws of the adapters per step, and the initial posterior sd of
+        every adapter entry.
+    device, autocast
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...; ``autocast="bf16"`` (or
+        ``"fp16"``) runs the frozen base model in that precision (adapters stay fp32).
+    seed
+        Seeds the split, the adapter initialisation, the minibatch order and the Monte Carlo draws.
+    progress
+        Show progress bars.
+    checkpoint_dir, checkpoint_every, resume
+        Atomic checkpoints every ``checkpoint_every`` steps (``None``: 10 per run) in
+        ``checkpoint_dir``, and the checkpoint folder of an interrupted run to continue from
+        (it then ends exactly where an uninterrupted run would).
+    """
+
+    kind: ClassVar[str] = "training setting"
+
+    max_steps: int | None = field(default=None, metadata=_help("optimiser steps (default: from --epochs)", cli="steps"))
+    epochs: float | None = field(
+        default=None, metadata=_help("passes over the training documents when no step count is given (default 3)"))
+    batch_size: int = field(default=8, metadata=_help("documents per minibatch"))
+    lr: float = field(default=1e-3, metadata=_help("AdamW learning rate"))
+    lr_schedule: str = field(default="cosine", metadata=_help("learning-rate schedule after the warm-up",
+                                                              choices=LR_SCHEDULES))
+    warmup_steps: int = field(default=0, metadata=_help("steps of linear learning-rate warm-up"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay (0 for a true MAP)"))
+    lr_per_tau: float | None = field(
+        default=None, metadata=_help("the paper's trick: learning rate = lr_per_tau * tau (one fixed tau only)"))
+    eval_every: int | None = field(
+        default=None, metadata=_help("steps between validation evaluations (default: 10 per run)"))
+    patience: int | None = field(
+        default=3, metadata=_help("stop after this many evaluations without improvement (none: never early)"))
+    max_eval_docs_per_task: int | None = field(
+        default=None, metadata=_help("validation documents per task (default: all)", cli="val_docs"))
+    tau_update_every: int | None = field(
+        default=None, metadata=_help("learned tau: steps between updates (default: the method's)"))
+    tau_warmup: int | None = field(
+        default=None, metadata=_help("learned tau: steps before the first update (default: the method's)"))
+    parameterization: str = field(
+        default="offset", metadata=_help("MAP: what the optimiser moves, the task offsets or the task adapters",
+                                         choices=PARAMETERIZATIONS))
+    num_particles: int = field(default=1, metadata=_help("SVI: Monte Carlo draws of the adapters per step"))
+    init_scale: float = field(default=1e-3, metadata=_help("SVI: initial posterior sd of every adapter entry"))
+    device: str = field(default="auto", metadata=_help("'auto', 'cpu', 'cuda', 'cuda:1', ..."))
+    autocast: str | None = field(
+        default=None, metadata=_help("run the frozen base model in this precision (CUDA)", choices=AUTOCAST_CHOICES))
+    seed: int = field(default=0, metadata=_help("seed of the split, initialisation, batch order and draws"))
+    progress: bool = field(default=True, metadata=_help("show progress bars"))
+    checkpoint_dir: str | None = field(
+        default=None, metadata=_help("folder for checkpoints that survive a kill", metavar="DIR"))
+    checkpoint_every: int | None = field(
+        default=None, metadata=_help("steps between checkpoints (default: 10 per run)"))
+    resume: str | None = field(
+        default=None, metadata=_help("continue an interrupted run from its checkpoint folder", metavar="DIR"))
+
+    def __post_init__(self) -> None:
+        self.max_steps = checks.optional_positive_int("max_steps", self.max_steps, none_means="use epochs")
+        if self.epochs is not None:
+            self.epochs = checks.positive_number("epochs", self.epochs)
+        self.batch_size = checks.positive_int("batch_size", self.batch_size)
+        self.lr = checks.positive_number("lr", self.lr)
+        checks.choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        self.warmup_steps = checks.non_negative_int("warmup_steps", self.warmup_steps)
+        self.weight_decay = checks.non_negative_number("weight_decay", self.weight_decay)
+        if self.lr_per_tau is not None:
+            self.lr_per_tau = checks.positive_number("lr_per_tau", self.lr_per_tau)
+        self.eval_every = checks.optional_positive_int("eval_every", self.eval_every, none_means="10 per run")
+        self.patience = checks.optional_positive_int("patience", self.patience, none_means="never stop early")
+        self.max_eval_docs_per_task = checks.optional_positive_int(
+            "max_eval_docs_per_task", self.max_eval_docs_per_task, none_means="all validation documents")
+        self.tau_update_every = checks.optional_positive_int(
+            "tau_update_every", self.tau_update_every, none_means="the method's default")
+        if self.tau_warmup is not None:
+            self.tau_warmup = checks.non_negative_int("tau_warmup", self.tau_warmup)
+        checks.choice("parameterization", self.parameterization, PARAMETERIZATIONS)
+        self.num_particles = checks.positive_int("num_particles", self.num_particles)
+        self.init_scale = checks.positive_number("init_scale", self.init_scale)
+        if not isinstance(self.device, str):
+            self.device = str(self.device)  # a torch.device; runtime.resolve_device checks it
+        if self.autocast is not None:
+            checks.choice("autocast", self.autocast, AUTOCAST_CHOICES + ("bfloat16", "float16"))
+        self.seed = checks.non_negative_int("seed", self.seed)
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be True or False, got progress={self.progress!r}.")
+        for name in ("checkpoint_dir", "resume"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, os.fspath(value))
+        self.checkpoint_every = checks.optional_positive_int(
+            "checkpoint_every", self.checkpoint_every, none_means="10 per run")
+
+    def total_steps(self, num_train_docs: int) -> int:
+        """Optimiser steps of the run: ``max_steps``, else ``epochs`` (default 3) full passes of
+        ``num_train_docs // batch_size`` batches."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil((self.epochs or 3.0) * (num_train_docs // self.batch_size)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The three config objects of one fit (what `resolve_settings` returns)."""
+
+    data: DataConfig
+    model: BoraConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {"data": self.data.to_dict(), "model": self.model.to_dict(), "train": self.train.to_dict()}
+
+
+_CLASSES = {"data": DataConfig, "model": BoraConfig, "train": TrainConfig}
+
+
+def resolve_settings(
+    *,
+    data: DataConfig | None = None,
+    config: BoraConfig | None = None,
+    train: TrainConfig | None = None,
+    **overrides: Any,
+) -> Settings:
+    """The config objects of a fit: the given ones (or the defaults) with flat keyword overrides.
+
+    Every keyword names a field of `DataConfig`, `BoraConfig` or `TrainConfig` (the field names
+    are unique across the three), so ``fit_map(data, rank=4, lr=1e-3)`` and
+    ``fit_map(data, config=BoraConfig(rank=4), train=TrainConfig(lr=1e-3))`` are the same fit.
+
+    Raises
+    ------
+    ValueError
+        For a keyword that is no field (the message lists the valid ones), or an invalid value.
+    TypeError
+        When ``data``, ``config`` or ``train`` is not the right config class.
+    """
+    given = {"data": data, "model": config, "train": train}
+    argument = {"data": "data_config", "model": "config", "train": "train"}
+    for role, obj in given.items():
+        if obj is not None and not isinstance(obj, _CLASSES[role]):
+            raise TypeError(
+                f"{argument[role]} must be a {_CLASSES[role].__name__}, got {type(obj).__name__}."
+            )
+    owner = {name: role for role, cls in _CLASSES.items() for name in cls.field_names()}
+    unknown = [k for k in overrides if k not in owner]
+    if unknown:
+        raise ValueError(
+            f"Unknown setting(s) {unknown}{checks.did_you_mean(unknown[0], owner)} Valid settings: data {DataConfig.field_names()}; model {BoraConfig.field_names()}; "
+            f"training {TrainConfig.field_names()}."
+        )
+    split: dict[str, dict[str, Any]] = {role: {} for role in _CLASSES}
+    for key, value in overrides.items():
+        split[owner[key]][key] = value
+    built = {}
+    for role, cls in _CLASSES.items():
+        base = given[role]
+        if base is None:
+            built[role] = cls(**split[role])
+        else:
+            built[role] = replace(base, **split[role]) if split[role] else base
+    return Settings(data=built["data"], model=built["model"], train=built["train"])
