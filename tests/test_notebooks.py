@@ -1,4 +1,8 @@
-"""The example notebooks: stored without outputs, and they run (in fast mode) and show what they say.
+"""The example notebooks: generated from their sources, stored without outputs, and they run (in
+fast mode) and show what they say.
+
+Each notebook's source is a jupytext "percent" script beside it (``notebooks/NAME.py``); the stored
+``NAME.ipynb`` is generated from it with ``jupytext --update --to ipynb notebooks/*.py``.
 
 Each notebook is executed with nbclient in a fresh ``python3`` kernel (jupyter_client starts it
 with this interpreter) with ``BORA_PYRO_FAST=1`` (a tiny random model, four characters, a few
@@ -14,6 +18,7 @@ from pathlib import Path
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
+jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
@@ -72,6 +77,20 @@ def test_notebook_is_stored_without_outputs(name):
         assert cell.outputs == [], f"{name}: a cell has outputs; clear them before committing"
         assert cell.execution_count is None, f"{name}: a cell has an execution count; clear outputs"
     assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_matches_its_source(name):
+    """The stored .ipynb has the cells of its percent script: same types, same sources, same order."""
+    source = NOTEBOOKS / name.replace(".ipynb", ".py")
+    assert source.is_file(), f"{name} has no source script {source.name}"
+    script = jupytext.read(source)
+    stored = jupytext.read(NOTEBOOKS / name)
+    fix = f"regenerate it: jupytext --update --to ipynb notebooks/{source.name}"
+    assert [c.cell_type for c in stored.cells] == [c.cell_type for c in script.cells], f"{name}: cells differ from {source.name}; {fix}"
+    for i, (ours, theirs) in enumerate(zip(stored.cells, script.cells)):
+        assert ours.source == theirs.source, f"{name}: cell {i} differs from {source.name}; {fix}"
+    assert stored.metadata["kernelspec"] == script.metadata["kernelspec"]
 
 
 @pytest.mark.parametrize("name", NAMES)
