@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .generation import GLOBAL_TASK
 from .models.layout import AdapterLayout
 
 __all__ = [
@@ -45,8 +46,6 @@ __all__ = [
 GLOBAL_FOLDER = "_global"
 #: The file mapping task names to folders, written next to them.
 INDEX_FILE = "index.json"
-#: The key of the global adapter in `export_peft`'s return value and in ``index.json``.
-GLOBAL_KEY = "<global>"
 
 _CONFIG_FILE = "adapter_config.json"
 _WEIGHTS_FILE = "adapter_model.safetensors"
@@ -128,7 +127,7 @@ def export_peft(
 
     Returns
     -------
-    ``{task name: folder path}``, with the key ``"<global>"`` for the global adapter.
+    ``{task name: folder path}``, with the key `GLOBAL_TASK` (``"<global>"``) for the global adapter.
     """
     layout: AdapterLayout = result.lm.layout
     names = list(result.tasks) if tasks is None else _as_name_list(tasks, "tasks")
@@ -147,7 +146,7 @@ def export_peft(
         written[name] = _write_adapter(directory / folder, task_adapters[row], layout, config)
     if include_global:
         global_adapter = result.global_adapter.detach().float().cpu()
-        written[GLOBAL_KEY] = _write_adapter(directory / GLOBAL_FOLDER, global_adapter, layout, config)
+        written[GLOBAL_TASK] = _write_adapter(directory / GLOBAL_FOLDER, global_adapter, layout, config)
 
     index = {
         "format": "bora_pyro.peft_export",

@@ -16,7 +16,7 @@ from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 from .precision import FisherEstimate, evidence_update
 
-__all__ = ["MAPStepper", "PointGuide", "optimise_map", "map_guide", "PARAMETERIZATIONS"]
+__all__ = ["MAPStepper", "PointGuide", "optimise_map", "PARAMETERIZATIONS"]
 
 #: How the MAP guide parameterises the task adapters (see `PointGuide`).
 PARAMETERIZATIONS = ("centered", "offset")
@@ -84,11 +84,6 @@ class PointGuide(nn.Module):
         return out
 
 
-def map_guide(model: BoraModel, init_global: torch.Tensor, parameterization: str = "offset") -> PointGuide:
-    """A delta (point) guide over the model's latent sites, every task adapter starting at ``init_global``."""
-    return PointGuide(model, init_global, parameterization)
-
-
 class MAPStepper(Stepper):
     """MAP steps; with a learned tau, evidence updates from a running diagonal Fisher estimate.
 
@@ -138,7 +133,7 @@ class MAPStepper(Stepper):
         self._task_param = None
 
     def build_guide(self):
-        return map_guide(self.model, self.init_global, self.parameterization)
+        return PointGuide(self.model, self.init_global, self.parameterization)
 
     def param_groups(self):
         groups = super().param_groups()

@@ -9,7 +9,7 @@ in that vector, and which precision group each parameter belongs to.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -163,7 +163,3 @@ class AdapterLayout:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, AdapterLayout) and self.to_dict() == other.to_dict()
-
-    def slots_as_records(self) -> list[dict]:
-        """One dict per slot (module, kind, shape, offset), e.g. for a DataFrame."""
-        return [asdict(s) for s in self.slots]
