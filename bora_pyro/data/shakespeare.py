@@ -36,7 +36,6 @@ With these rules the plays hold 31,351 speeches by 1,423 speakers, 71 of them wi
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib.util
 import re
@@ -46,7 +45,8 @@ from typing import Any
 
 import pandas as pd
 
-from bora_pyro.data.corpus import TaskCorpus, build_corpus
+from ..checks import did_you_mean, positive_int
+from .corpus import TaskCorpus, build_corpus
 
 __all__ = [
     "DEFAULT_CHARACTERS",
@@ -265,8 +265,7 @@ def load_shakespeare(
     ValueError
         For an unknown character name (with close matches) or a bad ``min_speeches``.
     """
-    if isinstance(min_speeches, bool) or not isinstance(min_speeches, int) or min_speeches < 1:
-        raise ValueError(f"min_speeches must be a positive int, got {min_speeches!r}.")
+    min_speeches = positive_int("min_speeches", min_speeches)
     frame = pd.DataFrame(list(_all_speeches()), columns=["task", "character", "play", "text"])
     frame = frame[["task", "text", "play", "character"]]
     counts = frame["task"].value_counts()
@@ -288,10 +287,9 @@ def _check_characters(characters: Any, valid: Sequence[str]) -> list[str]:
     valid_set = set(valid)
     for name in wanted:
         if name not in valid_set:
-            close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
-            hint = f" Close matches: {close}." if close else ""
             raise ValueError(
-                f"unknown character {name!r} in characters.{hint} Names have the form "
+                f"unknown character {name!r} in characters"
+                f"{did_you_mean(name, valid, cutoff=0.5)} Names have the form "
                 f"'NAME (Play title)', e.g. 'HAMLET (Hamlet)'; see "
                 f"load_shakespeare()['task'].unique() for all of them."
             )
@@ -317,8 +315,7 @@ def paper_selection(n: int = 25, min_speeches: int = 100) -> list[str]:
     list of str
         Task names.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}.")
+    n = positive_int("n", n)
     frame = load_shakespeare(min_speeches=min_speeches)
     names = list(dict.fromkeys(frame["task"]))
     if len(names) < n:

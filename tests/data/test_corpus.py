@@ -1,146 +1,20 @@
-"""Tests of bora_pyro.data.corpus: building, splitting, batching and saving task corpora."""
+"""Tests of bora_pyro.data.corpus: task names, tokens and labels, state, and bad options."""
 
 import json
-import string
 
-import datasets
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-from bora_pyro.data import IGNORE_INDEX, Batch, TaskCorpus, TaskSplit, build_corpus
-
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-PAD, BOS, EOS = 0, 1, 2
-
-
-def make_tokenizer(*, pad=True, bos=True):
-    """A character-level tokenizer: one id per printable character."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.decoder = decoders.Fuse()
-    kwargs = {"eos_token": "</s>", "unk_token": "<unk>"}
-    if bos:
-        kwargs["bos_token"] = "<s>"
-    if pad:
-        kwargs["pad_token"] = "<pad>"
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
-
-
-def make_frame(sizes=None, seed=0):
-    """Documents of random words for tasks named by ``sizes`` (task -> document count)."""
-    sizes = sizes or {"beta": 12, "alpha": 20, "gamma": 5}
-    rng = np.random.default_rng(seed)
-    rows = []
-    for task, n in sizes.items():
-        for i in range(n):
-            words = [
-                "".join(rng.choice(list("abcdefgh"), size=rng.integers(1, 6)))
-                for _ in range(rng.integers(1, 8))
-            ]
-            rows.append({"task": task, "text": f"{task} {i}: " + " ".join(words)})
-    order = rng.permutation(len(rows))
-    return pd.DataFrame([rows[i] for i in order])
-
-
-@pytest.fixture
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture
-def frame():
-    return make_frame()
-
-
-def decode(tokenizer, ids):
-    return "".join(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
-
-
-def expected_sizes(n, test_size, validation_size):
-    n_test = max(1, round(test_size * n)) if test_size > 0 else 0
-    n_val = max(1, round(validation_size * n)) if validation_size > 0 else 0
-    return n - n_test - n_val, n_val, n_test
-
-
-def all_batches(split, batch_size=4, **kwargs):
-    return list(split.batches(batch_size, **kwargs))
-
-
-def assert_corpora_equal(a, b):
-    ta, ma = a.state_dict()
-    tb, mb = b.state_dict()
-    assert ma == mb
-    assert ta.keys() == tb.keys()
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), key
+from bora_pyro.data import IGNORE_INDEX, RESERVED_TASK_NAMES, TaskCorpus, build_corpus
+from tests.data.helpers import BOS, EOS, PAD, all_batches, decode, make_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
-# splits
+# task names
 # ---------------------------------------------------------------------------------------------
-
-
-def test_splits_are_disjoint_and_cover_all_documents(frame, tokenizer):
-    corpus = build_corpus(frame, tokenizer)
-    rows = [
-        set(corpus.split(name).source_index.tolist()) for name in ("train", "validation", "test")
-    ]
-    assert not (rows[0] & rows[1]) and not (rows[0] & rows[2]) and not (rows[1] & rows[2])
-    assert set.union(*rows) == set(range(len(frame)))
-    for name in ("train", "validation", "test"):
-        split = corpus.split(name)
-        tasks = [corpus.tasks[t] for t in split.task_ids.tolist()]
-        assert tasks == frame["task"].iloc[split.source_index].tolist()
-
-
-@pytest.mark.parametrize(
-    "test_size, validation_size", [(0.33, 0.1), (0.2, 0.0), (0.0, 0.25), (0.5, 0.25), (0.1, 0.1)]
-)
-def test_split_sizes_follow_the_rounding_rule(frame, tokenizer, test_size, validation_size):
-    corpus = build_corpus(frame, tokenizer, test_size=test_size, validation_size=validation_size)
-    summary = corpus.summary().set_index("task")
-    counts = frame["task"].value_counts()
-    for task in corpus.tasks:
-        n_train, n_val, n_test = expected_sizes(counts[task], test_size, validation_size)
-        assert summary.loc[task, "n_train"] == n_train
-        assert summary.loc[task, "n_validation"] == n_val
-        assert summary.loc[task, "n_test"] == n_test
-    if validation_size == 0:
-        assert len(corpus.validation) == 0 and corpus.validation.num_docs == 0
-        assert list(corpus.validation.batches(4)) == []
-
-
-def test_same_seed_same_split_other_seed_other_split(frame, tokenizer):
-    first = build_corpus(frame, tokenizer, seed=3)
-    again = build_corpus(frame, tokenizer, seed=3)
-    other = build_corpus(frame, tokenizer, seed=4)
-    assert_corpora_equal(first, again)
-    assert not np.array_equal(first.test.source_index, other.test.source_index)
-
-
-def test_split_of_a_task_does_not_depend_on_other_tasks(frame, tokenizer):
-    full = build_corpus(frame, tokenizer, seed=1)
-    # drop gamma and reorder the rows of the other tasks: alpha's split must not change
-    alpha_rows = frame[frame.task == "alpha"]
-    others = frame[frame.task == "beta"].iloc[::-1]
-    mixed = pd.concat([others, alpha_rows]).reset_index(drop=True)
-    part = build_corpus(mixed, tokenizer, tasks=["alpha", "beta"], seed=1)
-
-    def alpha_texts(corpus, data, split):
-        s = corpus.split(split)
-        keep = s.task_ids.numpy() == corpus.task_index("alpha")
-        return sorted(data["text"].iloc[s.source_index[keep]])
-
-    for split in ("train", "validation", "test"):
-        assert alpha_texts(full, frame, split) == alpha_texts(part, mixed, split)
 
 
 def test_task_order_and_names(frame, tokenizer):
@@ -269,104 +143,8 @@ def test_tokenizer_without_pad_or_bos_is_not_modified(frame):
 
 
 # ---------------------------------------------------------------------------------------------
-# batches
+# state and lookups
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kwargs", [{}, {"shuffle": True}, {"sort_by_length": True}])
-def test_batches_visit_each_document_once(frame, tokenizer, kwargs):
-    corpus = build_corpus(frame, tokenizer)
-    split = corpus.train
-    batches = all_batches(split, 5, **kwargs)
-    seen = torch.cat([b.doc_index for b in batches]).tolist()
-    assert sorted(seen) == list(range(len(split)))
-    assert all(len(b) == 5 for b in batches[:-1])
-    for b in batches:
-        assert torch.equal(b.task_ids, split.task_ids[b.doc_index])
-        # dynamic padding: at least one row of every batch is full width
-        assert b.attention_mask.sum(1).max() == b.input_ids.shape[1]
-    if kwargs.get("sort_by_length"):
-        lengths = torch.cat([b.attention_mask.sum(1) for b in batches])
-        assert torch.all(lengths[:-1] >= lengths[1:])
-
-
-def test_shuffled_batches_mix_tasks_and_follow_the_generator(frame, tokenizer):
-    split = build_corpus(frame, tokenizer).train
-    first = all_batches(split, 8, shuffle=True, generator=torch.Generator().manual_seed(0))
-    again = all_batches(split, 8, shuffle=True, generator=torch.Generator().manual_seed(0))
-    other = all_batches(split, 8, shuffle=True, generator=torch.Generator().manual_seed(1))
-    assert all(torch.equal(a.doc_index, b.doc_index) for a, b in zip(first, again, strict=True))
-    assert not all(torch.equal(a.doc_index, b.doc_index) for a, b in zip(first, other, strict=True))
-    assert any(len(set(b.task_ids.tolist())) > 1 for b in first)
-
-
-def test_drop_last(frame, tokenizer):
-    split = build_corpus(frame, tokenizer).train
-    n = len(split)
-    kept = all_batches(split, 4, shuffle=True, drop_last=True)
-    assert len(kept) == n // 4 and all(len(b) == 4 for b in kept)
-    assert len(all_batches(split, 4)) == -(-n // 4)
-
-
-def test_batch_to_and_len(frame, tokenizer):
-    batch = build_corpus(frame, tokenizer).train.batch([2, 0, 2])
-    assert len(batch) == 3
-    assert batch.doc_index.tolist() == [2, 0, 2]
-    moved = batch.to("cpu")
-    assert isinstance(moved, Batch)
-    assert all(torch.equal(getattr(moved, f), getattr(batch, f)) for f in ("input_ids", "labels"))
-
-
-def test_batch_and_batches_reject_bad_arguments(frame, tokenizer):
-    split = build_corpus(frame, tokenizer).train
-    with pytest.raises(ValueError, match=r"document index 999 out of range for split 'train'"):
-        split.batch([0, 999])
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
-        next(split.batches(0))
-    with pytest.raises(ValueError, match="shuffle=True and sort_by_length=True"):
-        next(split.batches(2, shuffle=True, sort_by_length=True))
-
-
-def test_subset_caps_each_task_and_renumbers(frame, tokenizer):
-    split = build_corpus(frame, tokenizer, test_size=0.5, validation_size=0.0).test
-    sub = split.subset(3, seed=0)
-    assert sub.docs_per_task.tolist() == np.minimum(split.docs_per_task, 3).tolist()
-    assert sub.name == "test"
-    assert sorted(torch.cat([b.doc_index for b in sub.batches(2)]).tolist()) == list(
-        range(len(sub))
-    )
-    assert set(sub.source_index) <= set(split.source_index)
-    # the kept documents are the same documents
-    position = {row: i for i, row in enumerate(split.source_index.tolist())}
-    for i, row in enumerate(sub.source_index.tolist()):
-        assert np.array_equal(sub.doc_tokens(i), split.doc_tokens(position[row]))
-    assert np.array_equal(split.subset(3, seed=0).source_index, sub.source_index)
-    assert not np.array_equal(split.subset(3, seed=1).source_index, sub.source_index)
-    with pytest.raises(ValueError, match="max_docs_per_task must be a positive int"):
-        split.subset(0)
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs and state
-# ---------------------------------------------------------------------------------------------
-
-
-def test_all_input_forms_give_the_same_corpus(frame, tokenizer, tmp_path):
-    reference = build_corpus(frame, tokenizer)
-    frame.to_json(tmp_path / "docs.jsonl", orient="records", lines=True)
-    frame.to_json(tmp_path / "docs.json", orient="records")
-    frame.to_csv(tmp_path / "docs.csv", index=False)
-    frame.to_parquet(tmp_path / "docs.parquet", index=False)
-    inputs = [
-        datasets.Dataset.from_pandas(frame, preserve_index=False),
-        str(tmp_path / "docs.jsonl"),
-        tmp_path / "docs.json",
-        tmp_path / "docs.csv",
-        tmp_path / "docs.parquet",
-    ]
-    for data in inputs:
-        assert_corpora_equal(build_corpus(data, tokenizer), reference)
-    assert build_corpus(reference, tokenizer) is reference
 
 
 def test_state_dict_round_trip_through_safetensors_and_json(frame, tokenizer, tmp_path):
@@ -412,15 +190,6 @@ def test_corpus_lookups(frame, tokenizer):
     ):
         corpus.split("dev")
     assert "3 tasks" in repr(corpus)
-
-
-def test_task_split_checks_its_arrays():
-    with pytest.raises(ValueError, match=r"offsets must have num_docs \+ 1"):
-        TaskSplit("train", [1, 5, 6], [0, 3], [1], [0, 0], num_tasks=1, pad_token_id=0)
-    with pytest.raises(ValueError, match=r"label_starts must lie in 1 \.\. document length"):
-        TaskSplit("train", [1, 5, 6], [0, 3], [0], [0], num_tasks=1, pad_token_id=0)
-    with pytest.raises(ValueError, match=r"task ids must lie in 0 \.\. num_tasks - 1 = 0"):
-        TaskSplit("train", [1, 5, 6], [0, 3], [1], [1], num_tasks=1, pad_token_id=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,16 +263,31 @@ BAD_DATA = {
         {},
         r"task 'gamma' has 2 document\(s\), too few .* at least 3 documents.*tasks=\[...\]",
     ),
-    "max_length": (lambda f: f, {"max_length": 1}, r"max_length must be >= 2 .* got 1"),
+    "reserved name <global>": (
+        lambda f: f.assign(task=f.task.replace({"gamma": "<global>"})),
+        {},
+        r"task '<global>' has a reserved name \(the name of the global adapter in generation and "
+        r"export\); rename that task, e\.g\. df\['task'\] = df\['task'\]\.replace\("
+        r"\{'<global>': 'global'\}\)",
+    ),
+    "reserved name overall": (
+        lambda f: f.assign(task=f.task.replace({"beta": "overall"})),
+        {},
+        r"task 'overall' has a reserved name \(the name of the summary row of evaluation "
+        r"tables\); rename .*\{'overall': 'overall_task'\}",
+    ),
+    "max_length": (
+        lambda f: f, {"max_length": 1}, r"max_length must be an integer >= 2 .* got max_length=1"
+    ),
     "test_size": (
         lambda f: f,
         {"test_size": 1.0},
-        r"test_size must be a fraction in \[0, 1\).* got 1.0",
+        r"test_size must be a fraction with 0 <= test_size < 1, got test_size=1.0",
     ),
     "negative validation_size": (
         lambda f: f,
         {"validation_size": -0.1},
-        r"validation_size must be .* got -0.1",
+        r"validation_size must be .* got validation_size=-0.1",
     ),
     "sizes sum to 1": (
         lambda f: f,
@@ -515,7 +299,7 @@ BAD_DATA = {
         {"prompt_column": "text"},
         r"prompt_column is set but completion_column is not",
     ),
-    "seed": (lambda f: f, {"seed": -1}, r"seed must be a non-negative int, got -1"),
+    "seed": (lambda f: f, {"seed": -1}, r"seed must be an integer >= 0, got seed=-1"),
 }
 
 
@@ -526,17 +310,32 @@ def test_bad_inputs_raise_value_errors_that_name_the_problem(frame, tokenizer, c
         build_corpus(change(frame.reset_index(drop=True)), tokenizer, **kwargs)
 
 
-def test_bad_data_types(tokenizer, tmp_path):
+
+
+def test_labels_that_read_the_same_are_an_error_naming_both(tokenizer):
+    data = pd.DataFrame(
+        {"task": ["1", "a", 1, "a", "1", 1], "text": ["one", "two", "three", "four", "five", "six"]}
+    )
     with pytest.raises(
-        TypeError, match=r"data must be a datasets.Dataset, a pandas.DataFrame.*got list"
+        ValueError,
+        match=r"column 'task' \(task_column\) holds the labels '1' \(str, row 0\) and 1 \(int, "
+        r"row 2\), which both read as task '1'.*astype\(str\)",
     ):
-        build_corpus([{"task": "a", "text": "b"}], tokenizer)
-    with pytest.raises(TypeError, match=r"DatasetDict.*data\['train'\]"):
-        build_corpus(
-            datasets.DatasetDict({"train": datasets.Dataset.from_dict({"task": ["a"]})}), tokenizer
-        )
-    (tmp_path / "docs.txt").write_text("hello")
-    with pytest.raises(ValueError, match=r"suffix '.txt'; supported file types"):
-        build_corpus(tmp_path / "docs.txt", tokenizer)
-    with pytest.raises(FileNotFoundError):
-        build_corpus(tmp_path / "missing.csv", tokenizer)
+        build_corpus(data, tokenizer, test_size=0, validation_size=0)
+    # converted by the user: one task; equal numbers of different types: one task
+    merged = build_corpus(data.astype({"task": str}), tokenizer, test_size=0, validation_size=0)
+    assert merged.tasks == ["1", "a"] and merged.train.docs_per_task.tolist() == [4, 2]
+    numbers = data.assign(task=pd.Series([np.int64(1), 2, 1, 2, 1, 2.5], dtype=object))
+    assert build_corpus(numbers, tokenizer, test_size=0, validation_size=0).tasks == ["1", "2", "2.5"]
+
+
+def test_reserved_task_names_are_refused_everywhere_but_can_be_left_out(frame, tokenizer):
+    from bora_pyro.generation import GLOBAL_TASK
+
+    assert GLOBAL_TASK in RESERVED_TASK_NAMES and "overall" in RESERVED_TASK_NAMES
+    renamed = frame.assign(task=frame.task.replace({"gamma": "overall"}))
+    corpus = build_corpus(renamed, tokenizer, tasks=["alpha", "beta"])
+    assert corpus.tasks == ["alpha", "beta"]
+    tensors, meta = corpus.state_dict()
+    with pytest.raises(ValueError, match=r"task '<global>' has a reserved name.*rename that task"):
+        TaskCorpus.from_state_dict(tensors, {**meta, "tasks": ["alpha", "<global>"]})

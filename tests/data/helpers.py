@@ -1,0 +1,62 @@
+"""Shared helpers of the data tests: a character tokenizer with optional BOS / pad tokens, a
+random multi-task table, and comparisons of corpora."""
+
+import string
+
+import numpy as np
+import pandas as pd
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+PAD, BOS, EOS = 0, 1, 2
+
+
+def make_tokenizer(*, pad=True, bos=True):
+    """A character-level tokenizer: one id per printable character."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    kwargs = {"eos_token": "</s>", "unk_token": "<unk>"}
+    if bos:
+        kwargs["bos_token"] = "<s>"
+    if pad:
+        kwargs["pad_token"] = "<pad>"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def make_frame(sizes=None, seed=0):
+    """Documents of random words for tasks named by ``sizes`` (task -> document count)."""
+    sizes = sizes or {"beta": 12, "alpha": 20, "gamma": 5}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for task, n in sizes.items():
+        for i in range(n):
+            words = [
+                "".join(rng.choice(list("abcdefgh"), size=rng.integers(1, 6)))
+                for _ in range(rng.integers(1, 8))
+            ]
+            rows.append({"task": task, "text": f"{task} {i}: " + " ".join(words)})
+    order = rng.permutation(len(rows))
+    return pd.DataFrame([rows[i] for i in order])
+
+
+def decode(tokenizer, ids):
+    return "".join(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
+
+
+def all_batches(split, batch_size=4, **kwargs):
+    return list(split.batches(batch_size, **kwargs))
+
+
+def assert_corpora_equal(a, b):
+    ta, ma = a.state_dict()
+    tb, mb = b.state_dict()
+    assert ma == mb
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
