@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -27,7 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checks import did_you_mean, fraction, is_int, non_negative_int
+from ..checks import did_you_mean, non_negative_int
+from ..config import DataConfig
 from .readers import read_table, task_labels, text_values
 from .splits import SPLIT_NAMES, TaskSplit, assign_splits
 
@@ -296,16 +298,10 @@ class TaskCorpus:
 def build_corpus(
     data: Any,
     tokenizer: Any,
+    config: DataConfig | None = None,
     *,
-    task_column: str = "task",
-    text_column: str = "text",
-    prompt_column: str | None = None,
-    completion_column: str | None = None,
-    tasks: Sequence[str] | None = None,
-    max_length: int = 256,
-    test_size: float = 0.33,
-    validation_size: float = 0.1,
     seed: int = 0,
+    **settings: Any,
 ) -> TaskCorpus:
     """Tokenise a table of documents and split each task into train / validation / test.
 
@@ -319,33 +315,33 @@ def build_corpus(
         Called as ``tokenizer(texts, add_special_tokens=False)``; never modified. The start
         token is its ``bos_token_id``, else its ``eos_token_id``; the pad id is its
         ``pad_token_id``, else its ``eos_token_id``, else 0.
-    task_column : str, default "task"
-        Column with the task of each row. Non-string values are converted with ``str``; two
-        labels that read the same (the int ``1`` and the string ``"1"``) are an error, and so
-        are the names in :data:`RESERVED_TASK_NAMES` (unless left out by ``tasks``).
-    text_column : str, default "text"
-        Column with the document text (text mode: every token is scored). Ignored in
-        prompt/completion mode.
-    prompt_column, completion_column : str, optional
-        Give both for prompt/completion mode: a document is the prompt tokens followed by the
-        completion tokens (each tokenised on its own), and only completion tokens are scored.
-        A prompt may be empty; a completion may not.
-    tasks : sequence of str, optional
-        Keep only these tasks, with ids in this order. Default: every task in the data, in
-        sorted order of the names.
-    max_length : int, default 256
-        Maximum tokens per document, start token included (>= 2). Longer documents are
-        truncated at the end.
-    test_size, validation_size : float, default 0.33 and 0.1
-        Fractions of each task's documents held out, each in [0, 1) with sum < 1. Task ``d``
-        with ``n`` documents gets ``round(test_size * n)`` test documents (at least 1 when
-        ``test_size > 0``), ``round(validation_size * n)`` validation documents (at least 1
-        when ``validation_size > 0``; Python's ``round``, halves to even) and the rest
-        (at least 1) for training.
+    config : bora_pyro.config.DataConfig, optional
+        Columns, tasks, ``max_length`` and split sizes; default ``DataConfig()`` (task column
+        ``"task"``, text column ``"text"``, ``max_length=256``, ``test_size=0.33``,
+        ``validation_size=0.1``). Its fields mean:
+
+        * ``task_column``: the task of each row. Non-string labels are converted with
+          ``str``; two labels that read the same (the int ``1`` and the string ``"1"``) are an
+          error, and so are the names in :data:`RESERVED_TASK_NAMES` (unless left out by
+          ``tasks``).
+        * ``text_column``: the document text (every token scored), unless ``prompt_column``
+          and ``completion_column`` are given: then a document is the prompt tokens followed
+          by the completion tokens (each tokenised on its own), and only completion tokens are
+          scored. A prompt may be empty; a completion may not.
+        * ``tasks``: keep only these tasks, with ids in this order. Default: every task in
+          the data, in sorted order of the names.
+        * ``max_length``: maximum tokens per document, start token included (>= 2); longer
+          documents are truncated at the end.
+        * ``test_size``, ``validation_size``: fractions of each task's documents held out
+          (see :func:`bora_pyro.data.splits.split_sizes`: rounded, at least 1 when non-zero,
+          at least 1 document left for training).
     seed : int, default 0
         Non-negative seed of the split. Task ``d`` is shuffled by a numpy generator seeded
         with ``(seed, crc32(task name))``, so its split does not depend on the other tasks or
-        on ``tasks=``.
+        on ``tasks``.
+    **settings
+        Fields of ``DataConfig`` that override ``config``, e.g. ``max_length=128`` (the
+        keywords ``build_corpus`` always took).
 
     Returns
     -------
@@ -357,28 +353,25 @@ def build_corpus(
     FileNotFoundError
         If ``data`` is a path that does not exist.
     TypeError
-        If ``data`` is none of the accepted types.
+        If ``data`` is none of the accepted types, or a keyword is not a ``DataConfig`` field.
     ValueError
         For a file that cannot be parsed (naming the file and line) or has no records, a
         missing column, an empty table, a missing, colliding or reserved task name, empty or
         non-string text, an unknown name in ``tasks``, a task with too few documents for the
-        split, or out-of-range ``max_length`` / ``test_size`` / ``validation_size`` / ``seed``. The
-        message names the column or task, shows the value and says the fix.
+        split, or a bad setting. The message names the column, task or setting, shows the
+        value and says the fix.
     """
     if isinstance(data, TaskCorpus):
         return data
-    prompt_mode = _check_options(
-        prompt_column=prompt_column,
-        completion_column=completion_column,
-        max_length=max_length,
-        test_size=test_size,
-        validation_size=validation_size,
-        seed=seed,
-    )
-    test_size, validation_size, max_length = (
-        float(test_size),
-        float(validation_size),
-        int(max_length),
+    config = _data_config(config, settings)
+    seed = non_negative_int("seed", seed)
+    prompt_mode = config.prompt_column is not None
+    task_column, text_column = config.task_column, config.text_column
+    prompt_column, completion_column = config.prompt_column, config.completion_column
+    max_length, test_size, validation_size = (
+        config.max_length,
+        config.test_size,
+        config.validation_size,
     )
     start_id, pad_id = _special_ids(tokenizer)
     if prompt_mode:
@@ -389,7 +382,7 @@ def build_corpus(
     columns = read_table(data).require(needed)
 
     row_tasks = task_labels(columns["task_column"], task_column)
-    task_names = _choose_tasks(row_tasks, tasks)
+    task_names = _choose_tasks(row_tasks, config.tasks)
     check_task_names(task_names, column=task_column)
     task_id_of = {name: i for i, name in enumerate(task_names)}
     keep_rows = np.array([i for i, t in enumerate(row_tasks) if t in task_id_of], dtype=np.int64)
@@ -459,55 +452,30 @@ def build_corpus(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_options(
-    *,
-    prompt_column: str | None,
-    completion_column: str | None,
-    max_length: Any,
-    test_size: Any,
-    validation_size: Any,
-    seed: Any,
-) -> bool:
-    """Validate the scalar options of :func:`build_corpus`; return True in prompt mode."""
-    if (prompt_column is None) != (completion_column is None):
-        given, other = (
-            ("prompt_column", "completion_column")
-            if completion_column is None
-            else ("completion_column", "prompt_column")
+def _data_config(config: DataConfig | None, settings: Mapping[str, Any]) -> DataConfig:
+    """``config`` (default ``DataConfig()``) with the keyword ``settings`` applied and checked."""
+    if config is None:
+        config = DataConfig()
+    elif not isinstance(config, DataConfig):
+        raise TypeError(
+            f"config must be a bora_pyro.config.DataConfig, got {type(config).__name__}; pass "
+            f"data settings as DataConfig(...) or as keywords."
         )
-        raise ValueError(
-            f"{given} is set but {other} is not; give both for prompt/completion mode, or "
-            f"neither to score the whole text_column."
+    valid = [f.name for f in fields(DataConfig)]
+    unknown = [name for name in settings if name not in valid]
+    if unknown:
+        raise TypeError(
+            f"build_corpus() got an unknown data setting {unknown[0]!r}"
+            f"{did_you_mean(unknown[0], valid)} Valid settings: seed, {', '.join(valid)}."
         )
-    if not is_int(max_length) or max_length < 2:
-        raise ValueError(
-            f"max_length must be an integer >= 2 (the start token plus at least one scored "
-            f"token), got max_length={max_length!r}."
-        )
-    fraction("test_size", test_size)
-    fraction("validation_size", validation_size)
-    if test_size + validation_size >= 1.0:
-        raise ValueError(
-            f"test_size + validation_size must be < 1 so that training documents remain, got "
-            f"{test_size!r} + {validation_size!r} = {test_size + validation_size!r}."
-        )
-    non_negative_int("seed", seed)
-    return prompt_column is not None
+    return replace(config, **settings) if settings else config
 
 
 def _choose_tasks(row_tasks: list[str], tasks: Sequence[str] | None) -> list[str]:
     present = sorted(set(row_tasks))
     if tasks is None:
         return present
-    if isinstance(tasks, str) or not isinstance(tasks, (Sequence, np.ndarray, pd.Index)):
-        raise ValueError(
-            f"tasks must be a list of task names, got {tasks!r}; e.g. tasks=[{tasks!r}]."
-            if isinstance(tasks, str)
-            else f"tasks must be a list of task names, got {type(tasks).__name__}."
-        )
     chosen = [str(t) for t in tasks]
-    if not chosen:
-        raise ValueError("tasks is empty; pass None for all tasks or a list of task names.")
     repeated = sorted({t for t in chosen if chosen.count(t) > 1})
     if repeated:
         raise ValueError(f"tasks lists these names more than once: {repeated}; list each once.")

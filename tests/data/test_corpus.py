@@ -9,7 +9,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bora_pyro.data import IGNORE_INDEX, RESERVED_TASK_NAMES, TaskCorpus, build_corpus
-from tests.data.helpers import BOS, EOS, PAD, all_batches, decode, make_tokenizer
+from tests.data.helpers import (
+    BOS,
+    EOS,
+    PAD,
+    all_batches,
+    assert_corpora_equal,
+    decode,
+    make_tokenizer,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +263,7 @@ BAD_DATA = {
     "tasks as a string": (
         lambda f: f,
         {"tasks": "alpha"},
-        r"tasks must be a list of task names.*tasks=\['alpha'\]",
+        r"tasks must be a list of task names, got the string 'alpha'",
     ),
     "repeated tasks": (lambda f: f, {"tasks": ["alpha", "alpha"]}, r"more than once: \['alpha'\]"),
     "too few documents": (
@@ -277,7 +285,7 @@ BAD_DATA = {
         r"tables\); rename .*\{'overall': 'overall_task'\}",
     ),
     "max_length": (
-        lambda f: f, {"max_length": 1}, r"max_length must be an integer >= 2 .* got max_length=1"
+        lambda f: f, {"max_length": 1}, r"max_length=1 leaves no token to predict; use at least 2"
     ),
     "test_size": (
         lambda f: f,
@@ -292,12 +300,12 @@ BAD_DATA = {
     "sizes sum to 1": (
         lambda f: f,
         {"test_size": 0.6, "validation_size": 0.4},
-        r"test_size \+ validation_size must be < 1",
+        r"test_size \+ validation_size = 1 leaves no training documents",
     ),
     "prompt without completion": (
         lambda f: f,
         {"prompt_column": "text"},
-        r"prompt_column is set but completion_column is not",
+        r"prompt_column and completion_column go together",
     ),
     "seed": (lambda f: f, {"seed": -1}, r"seed must be an integer >= 0, got seed=-1"),
 }
@@ -339,3 +347,23 @@ def test_reserved_task_names_are_refused_everywhere_but_can_be_left_out(frame, t
     tensors, meta = corpus.state_dict()
     with pytest.raises(ValueError, match=r"task '<global>' has a reserved name.*rename that task"):
         TaskCorpus.from_state_dict(tensors, {**meta, "tasks": ["alpha", "<global>"]})
+
+
+def test_settings_come_from_a_data_config_or_keywords(frame, tokenizer):
+    from bora_pyro.config import DataConfig
+
+    config = DataConfig(max_length=6, test_size=0.2, validation_size=0.0)
+    by_config = build_corpus(frame, tokenizer, config, seed=2)
+    by_keywords = build_corpus(
+        frame, tokenizer, max_length=6, test_size=0.2, validation_size=0.0, seed=2
+    )
+    assert_corpora_equal(by_config, by_keywords)
+    assert by_config.options["max_length"] == 6 and by_config.options["seed"] == 2
+    # keywords override the config's fields
+    assert build_corpus(frame, tokenizer, config, max_length=8).options["max_length"] == 8
+    with pytest.raises(
+        TypeError, match=r"unknown data setting 'max_lenght'; did you mean 'max_length'\?"
+    ):
+        build_corpus(frame, tokenizer, max_lenght=8)
+    with pytest.raises(TypeError, match="config must be a bora_pyro.config.DataConfig, got dict"):
+        build_corpus(frame, tokenizer, {"max_length": 8})
