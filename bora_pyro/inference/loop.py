@@ -405,13 +405,13 @@ def _divergence_message(stepper: Stepper, step: int, loss: float, checkpointing:
         else "the adapters are no longer finite"
     )
     lower = f"lr_per_tau={train.lr_per_tau / 10:g}" if train.lr_per_tau is not None else f"lr={train.lr / 10:g}"
-    hints = [f"a lower learning rate (e.g. {lower})"]
-    if train.warmup_steps == 0:
-        hints.append(f"a linear warm-up (e.g. warmup_steps={max(1, stepper.steps // 10)})")
+    warmup = max(1, stepper.steps // 10, 2 * train.warmup_steps)
+    hints = [f"a lower learning rate (e.g. {lower})",
+             f"{'a longer' if train.warmup_steps else 'a'} linear warm-up (e.g. warmup_steps={warmup})"]
     if stepper.amp_dtype is not None:
         hints.append("the base model in fp32 (autocast=None)")
     else:
-        hints.append("a smaller alpha")
+        hints.append("a smaller alpha (the base model already runs in fp32)")
     message = (
         f"Training diverged at step {step} (0-based) of {stepper.steps}: {what}, at learning rate "
         f"{stepper.last_lr:.3g}. Try " + ", ".join(hints[:-1]) + f" or {hints[-1]}."
