@@ -18,6 +18,7 @@ import time
 import torch
 
 import bora_pyro
+from bora_pyro.config import DataConfig, TrainConfig
 from bora_pyro.data import DEFAULT_CHARACTERS, load_shakespeare
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -39,16 +40,17 @@ def main() -> None:
     k = args.eval_docs or None
 
     data = load_shakespeare(characters=DEFAULT_CHARACTERS)
-    common = dict(target_modules=targets, max_steps=args.steps, batch_size=args.batch_size,
-                  max_length=args.max_length, lr=2e-3, max_eval_docs_per_task=4,
-                  eval_every=max(1, args.steps // 3), tasks=DEFAULT_CHARACTERS, device=args.device,
-                  autocast=args.autocast)
+    data_config = DataConfig(max_length=args.max_length, tasks=DEFAULT_CHARACTERS)
+    train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=2e-3, max_eval_docs_per_task=4,
+                        eval_every=max(1, args.steps // 3), device=args.device, autocast=args.autocast)
     started = time.perf_counter()
-    fixed = bora_pyro.fit_map(data, tau=args.fixed_tau, precision_groups="shared", **common)
+    fixed = bora_pyro.fit_map(data, data_config=data_config, train=train, tau=args.fixed_tau,
+                              precision_groups="shared", target_modules=targets)
+    # The same model and corpus (tokenised and split once) for the other two fits.
     model, tokenizer, corpus = fixed.lm.base_model, fixed.tokenizer, fixed.corpus
-    shared = dict(common, model=model, tokenizer=tokenizer)
-    learned = bora_pyro.fit_map(corpus, tau="learn", **shared)
-    svi = bora_pyro.fit_svi(None, init=learned, **shared)
+    learned = bora_pyro.fit_map(corpus, model=model, tokenizer=tokenizer, train=train, tau="learn",
+                                target_modules=targets)
+    svi = bora_pyro.fit_svi(None, init=learned, train=train)
 
     rows = []
     base = fixed.evaluate("test", adapters="base", max_docs_per_task=k)

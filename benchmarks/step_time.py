@@ -10,8 +10,8 @@ A step is forward + backward + optimiser step on one batch that mixes tasks:
          that task's rows; loss = sum of the per-task losses (each a mean over tokens, weighted by
          the task's row count) + ``tau * sum_d ||theta_d - Theta||^2`` over the adapter
          parameters; AdamW over all adapters.
-  map    bora_pyro's `MAPStepper` as `fit_map` builds it (fixed tau), over a `MultiTaskLM` and a
-         `BoraModel` with `lm_log_likelihood`: one forward per batch, whatever tasks it mixes.
+  map    bora_pyro's `MAPStepper` as `fit_map` builds it (fixed tau), over the `MultiTaskLM` and
+         `BoraModel` of `bora_pyro.models.build_bora`: one forward per batch, whatever tasks it mixes.
   svi    bora_pyro's `SVIStepper` (mean-field Normal guide), built the same way.
   eval   tokens/s of the per-task NLL (``MultiTaskLM.sequence_nll`` with the ``[D, P]`` task
          adapters, as `bora_pyro.evaluation.per_doc_nll` calls it, under ``no_grad``) against the
@@ -65,6 +65,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from bora_pyro.data import IGNORE_INDEX
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["floor", "loop", "map", "svi", "eval"]
@@ -169,7 +171,7 @@ def make_batches(args, num_tasks: int, count: int, *, num_docs: int) -> list[Fak
     for _ in range(count):
         ids = torch.randint(3, args.vocab, (B, L), generator=g)
         labels = ids.clone()
-        labels[:, 0] = -100
+        labels[:, 0] = IGNORE_INDEX
         if num_tasks >= B:
             task_ids = torch.randperm(num_tasks, generator=g)[:B]
         else:
@@ -264,15 +266,11 @@ def build_loop(args, device, base, num_tasks, first):
 
 def _bora(args, base, num_tasks, num_docs):
     from bora_pyro.config import BoraConfig
-    from bora_pyro.models.bora import BoraModel, lm_log_likelihood
-    from bora_pyro.models.lora import MultiTaskLM
+    from bora_pyro.models import build_bora
 
-    # As fit_map's _prepare builds it (default precision_groups="ab", here a fixed tau).
+    # As fit_map builds it (default precision_groups="ab"), with a fixed tau.
     config = BoraConfig(rank=args.rank, alpha=ALPHA, target_modules=None, tau=args.tau)
-    lm = MultiTaskLM(base, rank=args.rank, alpha=ALPHA, target_modules=config.target_modules)
-    group_names, group_index = lm.layout.group_index(config.precision_groups)
-    bora = BoraModel(lm_log_likelihood(lm), num_tasks=num_tasks, num_params=lm.num_params,
-                     num_docs=num_docs, config=config, group_index=group_index, group_names=group_names)
+    lm, bora = build_bora(base, (num_tasks, num_docs), config, seed=args.seed)
     init_global = lm.layout.init_global(generator=torch.Generator().manual_seed(args.seed))
     return lm, bora, init_global
 
@@ -281,21 +279,23 @@ def _stepper_method(kind):
     def build(args, device, base, num_tasks, first):
         import pyro
 
+        from bora_pyro.config import TrainConfig
+
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
         num_docs = _num_docs(args, num_tasks)
         lm, bora, init_global = _bora(args, base, num_tasks, num_docs)
-        amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+        train = TrainConfig(lr=LR, lr_schedule="constant", batch_size=args.batch, device=str(device),
+                            autocast="bf16" if args.dtype == "bf16" else None, seed=args.seed,
+                            progress=False)
         if kind == "map":
             from bora_pyro.inference.map import MAPStepper
 
-            stepper = MAPStepper(bora, init_global=init_global, lr=LR, batch_fraction=args.batch / num_docs,
-                                 device=device, autocast_dtype=amp_dtype)
+            stepper = MAPStepper(bora, train, init_global=init_global)
         else:
             from bora_pyro.inference.svi import SVIStepper
 
-            stepper = SVIStepper(bora, init_global=init_global, lr=LR, device=device,
-                                 autocast_dtype=amp_dtype)
+            stepper = SVIStepper(bora, train, init_global=init_global)
         stepper.setup(first)
 
         def step(batch):
@@ -310,7 +310,7 @@ def _token_nll(logits, labels):
     """What `MultiTaskLM.sequence_nll` computes from the logits: summed token NLL per row, fp32."""
     logits, target = logits[:, :-1], labels[:, 1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                          ignore_index=-100, reduction="none")
+                          ignore_index=IGNORE_INDEX, reduction="none")
     return nll.view(target.shape).sum(-1)
 
 

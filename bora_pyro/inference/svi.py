@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
+from ..config import TrainConfig
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
 from ..models.prior import PointMass
 from .checkpoint import Checkpointing
@@ -95,37 +96,51 @@ class MeanFieldGuide(nn.Module):
 
 
 class SVIStepper(Stepper):
-    """SVI steps with the `MeanFieldGuide`; with a learned tau, variational-EM updates."""
+    """SVI steps with the `MeanFieldGuide`; with a learned tau, variational-EM updates.
+
+    Parameters
+    ----------
+    model
+        The `BoraModel`.
+    train
+        The `TrainConfig`; besides what `Stepper` reads: ``num_particles`` (Monte Carlo draws
+        per step), ``init_scale`` (initial posterior sd of every entry), ``tau_update_every``
+        and ``tau_warmup`` (steps between variational-EM updates of a learned tau, default every
+        step, and steps before the first, default none when starting from ``init_tasks``, else a
+        fifth of the run).
+    init_global
+        ``[P]`` initial global adapter.
+    init_tasks
+        ``[D, P]`` initial locations of the task adapters (e.g. a MAP fit's); default
+        ``init_global`` for every task.
+    init_tau
+        ``[G]`` starting value of a learned tau (default ``config.tau_init``).
+    """
 
     name = "BoRA SVI"
 
     def __init__(
         self,
         model: BoraModel,
+        train: TrainConfig,
         *,
         init_global: torch.Tensor,
         init_tasks: torch.Tensor | None = None,
         init_tau: torch.Tensor | None = None,
-        init_scale: float = 1e-3,
-        num_particles: int = 1,
-        lr: float,
-        weight_decay: float = 0.0,
-        tau_update_every: int = 1,
-        tau_warmup: int = 0,
-        device: torch.device | str = "cpu",
-        autocast_dtype: torch.dtype | None = None,
     ):
-        elbo = TraceMeanField_ELBO(num_particles=num_particles)
-        super().__init__(model, elbo, lr=lr, weight_decay=weight_decay, device=device,
-                         autocast_dtype=autocast_dtype)
+        super().__init__(model, TraceMeanField_ELBO(num_particles=train.num_particles), train)
         self.init_global = init_global.to(self.device)
         self.init_tasks = (
             init_global.expand(model.num_tasks, -1) if init_tasks is None else init_tasks
         ).to(self.device)
-        self.init_scale = float(init_scale)
+        self.init_scale = train.init_scale
         if init_tau is not None and self.learn:
             self.tau = init_tau.to(self.device, self.tau.dtype).clone()
-        self.tau_update_every, self.tau_warmup = max(1, int(tau_update_every)), int(tau_warmup)
+        self.tau_update_every = train.tau_update_every if train.tau_update_every is not None else 1
+        self.tau_warmup = (
+            train.tau_warmup if train.tau_warmup is not None
+            else 0 if init_tasks is not None else self.steps // 5
+        )
         self.average_beta = 0.98
         self._avg: list[torch.Tensor] | None = None
 
@@ -208,44 +223,20 @@ def variational_em_tau(
 def optimise_svi(
     model: BoraModel,
     batches: Iterator,
+    train: TrainConfig,
     *,
     init_global: torch.Tensor,
     init_tasks: torch.Tensor | None = None,
     init_tau: torch.Tensor | None = None,
-    steps: int,
-    init_scale: float = 1e-3,
-    num_particles: int = 1,
-    lr: float = 1e-3,
-    lr_schedule: str = "cosine",
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    tau_update_every: int = 1,
-    tau_warmup: int = 0,
     validate: Callable[[torch.Tensor], float] | None = None,
-    eval_every: int | None = None,
-    patience: int | None = None,
-    device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = True,
     checkpointing: Checkpointing | None = None,
 ) -> FitState:
     """Maximise the ELBO of the mean-field guide (and, if learned, the ELBO in tau).
 
     Parameters are those of `optimise_map`, plus ``init_tasks`` (``[D, P]`` initial locations,
-    e.g. a MAP fit's task adapters; default: ``init_global`` for every task), ``init_tau``
-    (``[G]`` starting value of a learned tau), ``init_scale`` (the initial posterior sd of each
-    entry) and ``num_particles`` (Monte Carlo samples per step).
-    ``validate`` is called with the posterior means.
-    ``checkpointing``: periodic checkpoints and the one to resume from (see `run_steps`).
+    e.g. a MAP fit's task adapters; default: ``init_global`` for every task) and ``init_tau``
+    (``[G]`` starting value of a learned tau); ``train`` also gives ``num_particles`` and
+    ``init_scale`` (see `SVIStepper`). ``validate`` is called with the posterior means.
     """
-    stepper = SVIStepper(
-        model, init_global=init_global, init_tasks=init_tasks, init_tau=init_tau, init_scale=init_scale,
-        num_particles=num_particles, lr=lr, weight_decay=weight_decay,
-        tau_update_every=tau_update_every, tau_warmup=tau_warmup, device=device,
-        autocast_dtype=autocast_dtype,
-    )
-    return run_steps(
-        stepper, batches, steps=steps, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-        validate=validate, eval_every=eval_every, patience=patience, progress=progress,
-        checkpointing=checkpointing,
-    )
+    stepper = SVIStepper(model, train, init_global=init_global, init_tasks=init_tasks, init_tau=init_tau)
+    return run_steps(stepper, batches, validate=validate, checkpointing=checkpointing)

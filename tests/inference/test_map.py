@@ -6,7 +6,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from bora_pyro.config import BoraConfig
+from bora_pyro.config import BoraConfig, TrainConfig
 from bora_pyro.inference.map import optimise_map
 from bora_pyro.models.bora import BoraModel
 from tests.gaussian import GaussianProblem
@@ -24,10 +24,14 @@ def _full_batches(problem):
         yield problem.full_batch()
 
 
+def _train(**kw):
+    return TrainConfig(device="cpu", progress=False, **kw)
+
+
 def _fit(problem, tau, steps=1500, lr=0.05, **kw):
     return optimise_map(
-        _model(problem, tau), _full_batches(problem), init_global=torch.zeros(problem.y.shape[1]),
-        steps=steps, lr=lr, progress=False, **kw,
+        _model(problem, tau), _full_batches(problem), _train(max_steps=steps, lr=lr, **kw),
+        init_global=torch.zeros(problem.y.shape[1]),
     )
 
 
@@ -70,10 +74,9 @@ def test_learned_tau_converges_to_marginal_likelihood_maximiser():
     tau_ml = math.exp(res.x)
     batch_size = 48
     state = optimise_map(
-        _model(problem, "learn", tau_init=50.0, tau_prior=(1.0, 0.0)),
-        problem.batches(batch_size), init_global=torch.zeros(20), steps=3000, lr=0.02,
-        batch_fraction=batch_size / problem.num_docs, tau_update_every=100, tau_warmup=500,
-        progress=False,
+        _model(problem, "learn", tau_init=50.0, tau_prior=(1.0, 0.0)), problem.batches(batch_size),
+        _train(max_steps=3000, lr=0.02, batch_size=batch_size, tau_update_every=100, tau_warmup=500),
+        init_global=torch.zeros(20),
     )
     tau_hat = state.tau.item()
     assert abs(tau_hat - tau_ml) / tau_ml < 0.2, (tau_hat, tau_ml)

@@ -5,7 +5,7 @@ import math
 import scipy.optimize
 import torch
 
-from bora_pyro.config import BoraConfig
+from bora_pyro.config import BoraConfig, TrainConfig
 from bora_pyro.inference.svi import optimise_svi, variational_em_tau
 from bora_pyro.models.bora import BoraModel
 from tests.gaussian import GaussianProblem
@@ -23,10 +23,15 @@ def _full_batches(problem):
         yield problem.full_batch()
 
 
+def _train(**kw):
+    return TrainConfig(device="cpu", progress=False, **kw)
+
+
 def _fit(problem, tau, steps=1200, lr=0.03, config=None, **kw):
     return optimise_svi(
-        _model(problem, tau, **(config or {})), _full_batches(problem), init_global=torch.zeros(problem.y.shape[1]),
-        steps=steps, lr=lr, init_scale=0.1, num_particles=4, progress=False, **kw,
+        _model(problem, tau, **(config or {})), _full_batches(problem),
+        _train(max_steps=steps, lr=lr, init_scale=0.1, num_particles=4, **kw),
+        init_global=torch.zeros(problem.y.shape[1]),
     )
 
 
@@ -81,16 +86,16 @@ def test_variational_em_tau_formula():
 
 def test_elbo_rises_no_nan_and_same_seed_same_result():
     problem = GaussianProblem.make()
-    a = optimise_svi(_model(problem, "learn"), problem.batches(6), init_global=torch.zeros(3), steps=400,
-                     lr=0.02, init_scale=0.1, progress=False)
+    a = optimise_svi(_model(problem, "learn"), problem.batches(6),
+                     _train(max_steps=400, lr=0.02, init_scale=0.1, batch_size=6), init_global=torch.zeros(3))
     loss = torch.tensor(a.history["loss"])
     assert torch.isfinite(loss).all()
     assert loss[-100:].mean() < loss[:100].mean()
     import pyro
     pyro.set_rng_seed(0)
-    b1 = optimise_svi(_model(problem, 2.0), problem.batches(6), init_global=torch.zeros(3), steps=50,
-                      lr=0.02, progress=False)
+    b1 = optimise_svi(_model(problem, 2.0), problem.batches(6), _train(max_steps=50, lr=0.02, batch_size=6),
+                      init_global=torch.zeros(3))
     pyro.set_rng_seed(0)
-    b2 = optimise_svi(_model(problem, 2.0), problem.batches(6), init_global=torch.zeros(3), steps=50,
-                      lr=0.02, progress=False)
+    b2 = optimise_svi(_model(problem, 2.0), problem.batches(6), _train(max_steps=50, lr=0.02, batch_size=6),
+                      init_global=torch.zeros(3))
     torch.testing.assert_close(b1.task_adapters, b2.task_adapters, rtol=0, atol=0)

@@ -8,7 +8,7 @@ import torch
 
 from bora_pyro.config import BoraConfig
 from bora_pyro.data import build_corpus
-from bora_pyro.models.bora import BoraModel, lm_log_likelihood
+from bora_pyro.models import build_bora
 from bora_pyro.models.lora import MultiTaskLM
 from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, tiny_causal_lm
 
@@ -23,12 +23,10 @@ def setup():
 
 
 def _model(lm, corpus, train, tau, groups="shared"):
-    names, index = lm.layout.group_index(groups)
-    return BoraModel(
-        lm_log_likelihood(lm), num_tasks=corpus.num_tasks, num_params=lm.num_params,
-        num_docs=len(train), config=BoraConfig(tau=tau, precision_groups=groups),
-        group_index=index, group_names=names,
-    )
+    config = BoraConfig(rank=lm.layout.rank, alpha=lm.layout.alpha, tau=tau, precision_groups=groups)
+    built, model = build_bora(lm.base_model, corpus, config, seed=0)
+    assert built.layout == lm.layout and model.num_docs == len(train)  # the same wrappers, re-used
+    return model
 
 
 def _log_joint(model, batch, values, **kw):
