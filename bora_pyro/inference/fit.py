@@ -328,7 +328,7 @@ def _prepare(
     wrapped LM and the Pyro model, the starting adapter and the validation function."""
     from ..data import TaskCorpus, build_corpus
     from ..export import initial_adapter
-    from ..models.base import load_base_model
+    from ..models.base import check_max_length, load_base_model
 
     train = settings.train
     device = resolve_device(train.device)
@@ -342,9 +342,11 @@ def _prepare(
         corpus = data
         data_record = {name: corpus.options.get(name) for name in DataConfig.field_names()}
     else:
-        options = {name: getattr(settings.data, name) for name in DataConfig.field_names()}
-        corpus = build_corpus(data, tokenizer, **options, seed=train.seed)
+        check_max_length(base, settings.data.max_length)  # before tokenising anything
+        corpus = build_corpus(data, tokenizer, settings.data, seed=train.seed)
         data_record = settings.data.to_dict()
+    if corpus.options.get("max_length") is not None:
+        check_max_length(base, corpus.options["max_length"])
     split = corpus.split("train")
     N = len(split)
     if train.batch_size > N:

@@ -296,3 +296,16 @@ def test_no_checkpoint_is_written_with_non_finite_adapters(monkeypatch, tmp_path
     with pytest.raises(FloatingPointError, match="adapters are no longer finite"):
         helpers._fit("map", checkpoint_dir=folder, checkpoint_every=5)
     assert [p.name for p in folder.iterdir()] == ["step-00000004"]
+
+
+def test_max_length_beyond_the_models_positions_is_refused_before_training():
+    """GPT-2 has learned absolute positions: max_length above n_positions must be a clear error."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=104, n_embd=16, n_layer=1, n_head=2, n_positions=16)).eval()
+    with pytest.raises(ValueError, match="max_length=32"):
+        bora_pyro.fit_map(synthetic_corpus_frame((6, 6)), model=base, tokenizer=char_tokenizer(), max_length=32,
+                          max_steps=1, batch_size=2, device="cpu", progress=False)
