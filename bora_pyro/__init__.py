@@ -4,8 +4,7 @@ One frozen causal LM, one LoRA adapter per task, all tied to a learned global ad
 ``theta_d ~ Normal(Theta, tau^-1 I)``. Start with `fit_map` (MAP) or `fit_svi` (a posterior).
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import BoraConfig
 from .inference import fit_map, fit_svi
 from .reports import to_inference_data

@@ -14,6 +14,7 @@ import torch
 from pyro.infer import ELBO
 from tqdm.auto import tqdm
 
+from ..data import IGNORE_INDEX
 from ..models.bora import BoraModel
 
 if TYPE_CHECKING:
@@ -321,4 +322,4 @@ def _scored_tokens(batch) -> int:
     labels = getattr(batch, "labels", None)
     if labels is None:
         return 0
-    return int((labels[:, 1:] != -100).sum())
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
