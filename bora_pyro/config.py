@@ -237,7 +237,7 @@ class BoraConfig(_Settings):
     version: str = field(default="", metadata=_help("bora_pyro version that made the config", cli=None))
 
     def __post_init__(self) -> None:
-        from . import __version__
+        from ._version import __version__
 
         self.rank = checks.positive_int("rank", self.rank)
         self.alpha = checks.positive_number("alpha", self.alpha)

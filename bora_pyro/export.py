@@ -378,6 +378,6 @@ def _json_float(value: float) -> float | str:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__

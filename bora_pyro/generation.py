@@ -22,6 +22,9 @@ import contextlib
 from typing import Any, Iterator, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from .checks import choice, positive_int
 
 __all__ = ["GLOBAL_TASK", "UNSEEN_CHOICES", "draw_task_adapters", "generate", "resolve_adapters", "task_logits"]
 
@@ -89,8 +92,7 @@ def draw_task_adapters(
         For tau = 0 (independent tasks: the prior says nothing about a new task) or groups that
         do not match the result's precision groups.
     """
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
-        raise ValueError(f"num_draws must be a positive integer, got num_draws={num_draws!r}.")
+    num_draws = positive_int("num_draws", num_draws)
     theta0 = (result.global_adapter if global_adapter is None else global_adapter).detach().float().cpu()
     tau = dict(result.tau if tau is None else tau)
     names, index = result.lm.layout.group_index(result.config.precision_groups)
@@ -136,8 +138,7 @@ def resolve_adapters(
     task_ids
         ``LongTensor [N]``: row n uses ``adapters[task_ids[n]]``.
     """
-    if unseen not in UNSEEN_CHOICES:
-        raise ValueError(f"unseen={unseen!r} is not valid; choose one of {UNSEEN_CHOICES}.")
+    unseen = choice("unseen", unseen, UNSEEN_CHOICES)
     known = set(result.tasks)
     order: dict[str, int] = {}
     for name in tasks:
@@ -263,8 +264,7 @@ def generate(
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got max_new_tokens={max_new_tokens!r}.")
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
     _check_generation_kwargs(generation_kwargs)
     names = _task_list(task, len(prompts))
     adapters, task_ids = resolve_adapters(result, names, unseen=unseen, seed=0 if seed is None else seed)
@@ -336,16 +336,19 @@ def _raise_unknown(result: Any, name: str) -> None:
 
 
 def _left_padded(result: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, L]`` ids (start token + prompt tokens, left-padded) and the attention mask."""
+    """``[N, L]`` ids (start token + prompt tokens, left-padded with the corpus' pad id) and the
+    attention mask.
+
+    ``pad_sequence`` rather than ``tokenizer.pad``: the corpus pads with the tokenizer's eos
+    token when it has no pad token (GPT-2, Llama), and ``tokenizer.pad`` refuses such tokenizers.
+    """
     corpus = result.corpus
     encoded = result.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    rows = [[corpus.start_token_id, *ids] for ids in encoded]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), corpus.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for n, r in enumerate(rows):
-        input_ids[n, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        attention_mask[n, width - len(r):] = 1
+    rows = [torch.tensor([corpus.start_token_id, *ids], dtype=torch.long) for ids in encoded]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=corpus.pad_token_id, padding_side="left")
+    attention_mask = pad_sequence(
+        [torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="left"
+    )
     return input_ids, attention_mask
 
 
@@ -368,10 +371,7 @@ def _rows_per_prompt(model: Any, kwargs: dict) -> int:
 
     def value(key: str) -> int:
         v = kwargs.get(key, getattr(config, key, None))
-        v = 1 if v is None else v
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{key} must be a positive integer, got {key}={v!r}.")
-        return v
+        return positive_int(key, 1 if v is None else v)
 
     for key in ("penalty_alpha", "num_beam_groups"):
         v = getattr(config, key, None)

@@ -13,11 +13,19 @@ from typing import Any
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from .checks import non_negative_int
 from .config import BoraConfig
-from .runtime import autocast_dtype as _autocast_dtype
-from .evaluation import per_doc_nll, per_task_nll, perplexity_table, predictive_table
+from .evaluation import (
+    evaluation_options,
+    evaluation_split,
+    per_doc_nll,
+    per_doc_nll_draws,
+    per_task_nll,
+    perplexity_table,
+    predictive_table,
+    select_adapters,
+)
 
 __all__ = ["BoraResult", "load_result"]
 
@@ -153,8 +161,11 @@ class BoraResult:
             Evaluate on a seeded subset of at most this many documents per task.
         num_samples
             SVI only: posterior draws for the posterior-predictive perplexity (default 8 for an
-            SVI result with ``adapters="tasks"``; 0 evaluates at the posterior mean only). Each
-            draw costs one pass over the split.
+            SVI result with ``adapters="tasks"``; 0 evaluates at the posterior mean only). Draw
+            ``s`` is ``self.sample_adapters(1, seed=seed + s)``, the draw ``s`` of
+            `to_inference_data`; each costs one pass over the split.
+        seed
+            Seeds the subset and the posterior draws.
 
         Returns
         -------
@@ -164,37 +175,34 @@ class BoraResult:
         posterior-predictive (per document ``-log mean_s p(doc | theta_s)``) and the columns
         ``perplexity_at_mean``, ``perplexity_low`` and ``perplexity_high`` (central 95% of the
         task's perplexity over the draws) are added.
+
+        Raises
+        ------
+        ValueError
+            For a split without documents (e.g. ``"test"`` of a corpus built with
+            ``test_size=0``), an unknown ``adapters``, or a ``batch_size``, ``max_docs_per_task``
+            or ``num_samples`` that is not a positive (for ``num_samples``: non-negative) integer.
         """
-        choices = {"tasks": self.task_adapters, "global": self.global_adapter, "base": None}
-        if adapters not in choices:
-            raise ValueError(f"adapters={adapters!r} is not valid; choose one of {list(choices)}.")
-        data = self.corpus.split(split)
-        if max_docs_per_task is not None:
-            data = data.subset(max_docs_per_task, seed=seed)
+        theta = select_adapters(self, adapters)
+        data = evaluation_split(self.corpus, split, max_docs_per_task=max_docs_per_task, seed=seed)
+        kwargs = evaluation_options(self, batch_size)
         if num_samples is None:
             num_samples = 8 if (self.task_scales is not None and adapters == "tasks") else 0
+        num_samples = non_negative_int("num_samples", num_samples)
         if num_samples and (adapters != "tasks" or self.task_scales is None):
             raise ValueError(
                 f"num_samples={num_samples} needs an SVI result and adapters='tasks' (this is a "
                 f"{self.method.upper()} result, adapters={adapters!r}); use num_samples=0."
             )
-        batch_size = batch_size or 2 * int(self.fit_args.get("batch_size", 8))
-        kwargs = dict(
-            batch_size=batch_size, device=self.device,
-            autocast_dtype=_autocast_dtype(self.fit_args.get("autocast"), self.device),
-        )
         if not num_samples:
             nll, tokens, docs = per_task_nll(
-                self.lm, choices[adapters], data, num_tasks=len(self.tasks), progress=progress, **kwargs
+                self.lm, theta, data, num_tasks=len(self.tasks), progress=progress, **kwargs
             )
             return perplexity_table(self.tasks, nll, tokens, docs)
         mean_nll, tokens = per_doc_nll(self.lm, self.task_adapters, data, progress=progress, **kwargs)
-        g = torch.Generator().manual_seed(seed)
-        draws = []
-        for _ in tqdm(range(num_samples), desc="posterior draws", disable=not progress, leave=False):
-            theta = self.task_adapters + self.task_scales * torch.randn(self.task_adapters.shape, generator=g)
-            draws.append(per_doc_nll(self.lm, theta, data, **kwargs)[0])
-        return predictive_table(self.tasks, torch.stack(draws), mean_nll, tokens, data.task_ids.cpu())
+        draws = (self.sample_adapters(1, seed=seed + s)[0] for s in range(num_samples))
+        draws_nll = per_doc_nll_draws(self.lm, draws, data, progress=progress, **kwargs)
+        return predictive_table(self.tasks, draws_nll, tokens, data.task_ids.cpu(), mean_nll=mean_nll)
 
     def history_frame(self) -> pd.DataFrame:
         """The training history as a DataFrame (one row per step; tau per group as columns)."""

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from ..data import IGNORE_INDEX
 from .layout import AdapterLayout
 
 __all__ = ["AdapterContext", "MultiTaskLoRALinear", "MultiTaskLM", "find_target_modules"]
@@ -262,17 +263,17 @@ class MultiTaskLM(nn.Module):
     ) -> torch.Tensor:
         """Negative log-likelihood of each row, summed over its scored tokens: ``[N]``, fp32.
 
-        ``labels[n, t]`` is the token at position ``t`` when it is scored and ``-100`` otherwise;
-        token ``t`` is predicted from positions ``< t``:
-        ``nll[n] = -sum_{t: labels[n,t] != -100} log p(labels[n, t] | input_ids[n, :t])``.
+        ``labels[n, t]`` is the token at position ``t`` when it is scored and `IGNORE_INDEX`
+        otherwise; token ``t`` is predicted from positions ``< t``:
+        ``nll[n] = -sum_{t: labels[n,t] != IGNORE_INDEX} log p(labels[n, t] | input_ids[n, :t])``.
         """
         logits = self.forward(input_ids, attention_mask, adapters=adapters, task_ids=task_ids)
         # Shift the labels, not the logits: slicing logits[:, :-1] would copy the whole [N, L, V]
         # tensor (and its gradient) to make it contiguous; the last position scores nothing.
-        target = F.pad(labels[:, 1:], (0, 1), value=-100)
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         nll = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-            ignore_index=-100, reduction="none",
+            ignore_index=IGNORE_INDEX, reduction="none",
         )
         return nll.view(target.shape).sum(-1)
 

@@ -1,22 +1,30 @@
-r"""One path from a fitted `BoraResult` into arviz: per-task shrinkage, distances and held-out fit.
+r"""One path from a fitted result into arviz: held-out log-likelihood, shrinkage and distances.
 
-`to_inference_data` returns an ``arviz.InferenceData`` with ``task`` as a named dimension (task
-names as coordinates) and every posterior array shaped ``(chain, draw, ...)``:
+`to_inference_data` returns an ``arviz.InferenceData`` made only of groups of arviz's schema,
+with ``task`` as a named dimension (task names as coordinates):
 
-``posterior``
-    ``tau`` ``(chain, draw, group)``
-        The prior precision of each precision group. BoRA estimates it by empirical Bayes
-        (the evidence fixed point under MAP, variational EM under SVI): a point estimate,
-        repeated along ``draw``.
-    ``distance``, ``relative_distance`` ``(chain, draw, task)``
+``posterior`` (what varies over posterior draws; arrays ``(chain, draw, task)``)
+    ``distance``, ``relative_distance``
         ``||theta_d - Theta||`` and ``||theta_d - Theta|| / ||Theta||``. Under SVI one value per
-        posterior draw of ``theta_d`` (the global adapter is a point estimate); under MAP the
-        distance of the MAP adapter.
-    ``distance_at_mean``, ``relative_distance_at_mean`` ``(chain, draw, task)``
-        SVI only: the same at the posterior mean (what `BoraResult.posterior_summary` reports),
-        repeated along ``draw``. Draws of ``||theta_d - Theta||^2`` exceed it by
-        ``sum_i sigma_di^2`` on average.
-    ``shrinkage`` ``(chain, draw, task)``, ``shrinkage_by_group`` ``(chain, draw, task, group)``
+        posterior draw of ``theta_d`` (draw ``s`` is ``result.sample_adapters(1, seed=seed + s)``;
+        the global adapter is a point estimate); under MAP the MAP adapter as one draw.
+
+``log_likelihood``
+    ``documents`` ``(chain, draw, doc)``
+        The held-out log-likelihood ``log p(doc_n | theta_s)`` of every document of the
+        evaluated split (nats, summed over its scored tokens; the observation is the Pyro plate
+        ``"documents"``). Under SVI draw ``s`` is the posterior draw ``s`` of ``posterior``
+        (the first ``predictive_samples`` draws); under MAP the MAP as one draw, and under SVI
+        with ``predictive_samples=0`` the posterior mean as one draw (``attrs["draws"]`` says
+        which). ``doc`` coordinates number the evaluated documents; ``doc_task`` (the task of each
+        document) and ``source_row`` (its row in the data given to ``build_corpus``, ``-1``
+        when unknown) are coordinates along ``doc``.
+
+``constant_data`` (what does not vary over draws)
+    ``tau`` ``(group)``
+        The prior precision of each precision group: an empirical-Bayes point estimate (the
+        evidence fixed point under MAP, variational EM under SVI) or the fixed value.
+    ``shrinkage`` ``(task)``, ``shrinkage_by_group`` ``(task, group)``
         The share of the posterior precision of ``theta_d`` that comes from the prior, averaged
         over parameters (all of them, or those of one group)::
 
@@ -28,40 +36,54 @@ names as coordinates) and every posterior array shaped ``(chain, draw, ...)``:
         sigma_di^2`` (no curvature needed; it can exceed 1 only if the guide has not converged).
         Under MAP ``h`` is a diagonal empirical Fisher estimate (`diagonal_fisher`). ``0`` when
         the task learns from its data alone (tau = 0, or much data), ``1`` when it is fully
-        pooled (tau = inf, or no data). A property of the fit, repeated along ``draw``.
-    ``lpd``, ``perplexity`` ``(chain, draw, task)``
-        Held-out log predictive density of each task's documents on the evaluated split (nats,
-        summed over the task's scored tokens) and the perplexity ``exp(-lpd / tokens)``; under SVI
-        posterior-predictive (per document ``log mean_s p(doc | theta_s)`` over
-        ``predictive_samples`` draws, see `BoraResult.evaluate`). Repeated along ``draw``.
+        pooled (tau = inf, or no data).
+    ``point_distance``, ``point_relative_distance`` ``(task)``
+        The distances of the point estimate: the MAP adapter, or the SVI posterior mean (what
+        `BoraResult.posterior_summary` reports). Draws of ``||theta_d - Theta||^2`` exceed the
+        mean's by ``sum_i sigma_di^2`` on average.
+    ``n_train_docs``, ``n_train_tokens``, ``n_eval_docs``, ``n_eval_tokens`` ``(task)``
+        Documents and scored tokens per task, of the training split and of the evaluated split
+        (after ``max_docs_per_task``).
+    ``doc_tokens`` ``(doc)``
+        Scored tokens of each evaluated document.
 
-``heldout`` (no chain/draw)
-    The per-task columns of `BoraResult.evaluate`: ``nll`` (per token) and ``perplexity``, and
-    under SVI ``perplexity_at_mean``, ``perplexity_low``, ``perplexity_high`` (the central 95%
-    of the task's perplexity over the posterior draws).
-
-``constant_data``
-    ``n_train_docs``, ``n_train_tokens`` (scored), ``n_eval_docs``, ``n_eval_tokens`` per task
-    (the evaluated split, after ``max_docs_per_task``).
-
-Under MAP every posterior array has ``chain=1, draw=1`` and ``attrs["inference"] == "map"``:
-they are point estimates, and their "sd" or "hdi" in ``az.summary`` mean nothing. The
-variables repeated along ``draw`` are listed in ``posterior.attrs["constant_along_draw"]``.
+Held-out perplexity per task (`heldout_table`) is computed from ``log_likelihood`` and these
+counts. The documents are held out, so ``az.loo(idata)`` estimates the held-out expected log
+predictive density (its ``p_loo`` measures the spread of the log-likelihood over the draws, not
+overfitting), and ``az.compare({"tau=1e3": idata_a, "tau=1e4": idata_b})`` ranks fits evaluated
+on the same documents. Both need posterior draws: an SVI result with ``predictive_samples >= 2``
+(a few hundred for reliable Pareto-k diagnostics). A MAP result (one point) cannot be ranked by
+``az.loo``; compare MAP fits by their held-out log-likelihood
+``idata.log_likelihood["documents"].sum()`` or fit SVI from them (``fit_svi(..., init=...)``).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
+from ..checks import non_negative_int, positive_int
+from ..evaluation import (
+    evaluation_options,
+    evaluation_split,
+    iterate_split,
+    per_doc_nll,
+    perplexity_table,
+    predictive_table,
+    sum_per_task,
+)
+from .protocol import FitLike
 
-__all__ = ["to_inference_data", "diagonal_fisher", "shrinkage_factors", "import_arviz"]
+__all__ = ["to_inference_data", "heldout_table", "diagonal_fisher", "shrinkage_factors", "import_arviz"]
+
+#: Name of the observation in the ``log_likelihood`` group (the Pyro plate of the documents).
+OBSERVED = "documents"
 
 
 def import_arviz():
@@ -74,7 +96,7 @@ def import_arviz():
 
 
 def diagonal_fisher(
-    result,
+    result: FitLike,
     split: str = "train",
     *,
     max_docs_per_task: int | None = None,
@@ -89,17 +111,17 @@ def diagonal_fisher(
     (the MAP, or the posterior mean under SVI). It approximates the diagonal of the Hessian of
     the task's negative log-likelihood (the curvature ``h`` of `shrinkage_factors`).
 
-    Per-document gradients come from one forward and one backward pass per batch: each row of
-    the batch gets its own copy of its task's adapter (a ``[B, P]`` leaf), and since a row's
+    Per-document gradients come from one forward and one backward pass per batch
+    (`bora_pyro.evaluation.iterate_split` with ``row_gradients=True``): each row of the batch
+    gets its own copy of its task's adapter (a ``[B, P]`` leaf), and since a row's
     log-likelihood depends only on its own copy, the gradient of the batch's summed
     log-likelihood w.r.t. that leaf holds the ``B`` per-document gradients. The cost is that of
-    one training epoch without optimiser steps (on SmolLM2-135M, one backward per document in
-    batches of ``batch_size``), and ``B x P`` floats of extra memory.
+    one training epoch without optimiser steps, and ``B x P`` floats of extra memory.
 
     Parameters
     ----------
     result
-        A `BoraResult`.
+        A fitted result (`FitLike`, e.g. a `BoraResult`).
     split
         Documents to sum over; the likelihood the adapters were fitted on is ``"train"``.
     max_docs_per_task
@@ -117,35 +139,21 @@ def diagonal_fisher(
     -------
     ``[D, P]`` float32 on the CPU; rows of tasks without documents are zero.
     """
-    from ..runtime import autocast_dtype as _autocast_dtype
-
-    _check_positive_int("batch_size", batch_size)
-    data = result.corpus.split(split)
-    full_counts = torch.as_tensor(data.docs_per_task, dtype=torch.float64)
-    if max_docs_per_task is not None:
-        data = data.subset(max_docs_per_task, seed=seed)
+    full_counts = torch.as_tensor(result.corpus.split(split).docs_per_task, dtype=torch.float64)
+    data = evaluation_split(result.corpus, split, max_docs_per_task=max_docs_per_task, seed=seed)
     used_counts = torch.as_tensor(data.docs_per_task, dtype=torch.float64)
-    lm, device = result.lm, result.device
-    dtype = _autocast_dtype(result.fit_args.get("autocast"), device)
-    theta = result.task_adapters.detach().to(device, torch.float32)
-    h = torch.zeros_like(theta)
-    total = math.ceil(len(data) / batch_size)
-    batches = data.batches(batch_size, sort_by_length=True)
-    for batch in tqdm(batches, total=total, disable=not progress, desc="Fisher", leave=False):
-        batch = batch.to(device)
-        rows = theta.index_select(0, batch.task_ids).requires_grad_(True)  # [B, P], one copy per row
-        own = torch.arange(len(batch), device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            nll = lm.sequence_nll(
-                batch.input_ids, batch.attention_mask, batch.labels, adapters=rows, task_ids=own
-            )
+    options = evaluation_options(result, batch_size)
+    h = torch.zeros(result.task_adapters.shape, dtype=torch.float32, device=options["device"])
+    for batch, nll, rows in iterate_split(
+        result.lm, data, result.task_adapters, row_gradients=True, progress=progress, desc="Fisher", **options
+    ):
         (grad,) = torch.autograd.grad(nll.sum(), rows)
         h.index_add_(0, batch.task_ids, grad.float().square())
     scale = torch.where(used_counts > 0, full_counts / used_counts.clamp_min(1), 0.0)
     return (h.cpu().double() * scale[:, None]).float()
 
 
-def _tau_per_param(result) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def _tau_per_param(result: FitLike) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Group names, ``[G]`` tau values and ``[P]`` group index of the result (float64)."""
     names, index = result.lm.layout.group_index(result.config.precision_groups)
     if set(names) != set(result.tau):
@@ -157,7 +165,7 @@ def _tau_per_param(result) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     return names, tau, index
 
 
-def shrinkage_factors(result, fisher: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+def shrinkage_factors(result: FitLike, fisher: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     r"""Per task, the share of the posterior precision that comes from the prior.
 
     For parameter i of task d with prior precision ``tau = tau_g(i)`` and likelihood curvature
@@ -172,7 +180,7 @@ def shrinkage_factors(result, fisher: torch.Tensor | None = None) -> tuple[np.nd
     Parameters
     ----------
     result
-        A `BoraResult`.
+        A fitted result (`FitLike`, e.g. a `BoraResult`).
     fisher
         MAP only: ``[D, P]`` curvature ``h`` (default: `diagonal_fisher` on all training
         documents). Ignored under SVI.
@@ -214,12 +222,13 @@ def shrinkage_factors(result, fisher: torch.Tensor | None = None) -> tuple[np.nd
 
 
 def to_inference_data(
-    result,
+    result: FitLike,
     *,
     split: str = "test",
     num_samples: int | None = None,
     predictive_samples: int = 8,
     max_docs_per_task: int | None = None,
+    batch_size: int | None = None,
     fisher: torch.Tensor | None = None,
     fisher_max_docs_per_task: int | None = None,
     seed: int = 0,
@@ -230,21 +239,23 @@ def to_inference_data(
     Parameters
     ----------
     result
-        A `BoraResult` (MAP or SVI).
+        A fitted result (`FitLike`, e.g. a `BoraResult`; MAP or SVI).
     split
-        The held-out split for ``lpd`` and ``perplexity``: ``"test"`` or ``"validation"``
-        (``"train"`` works but is not held out).
+        The held-out split of the log-likelihood: ``"test"`` or ``"validation"`` (``"train"``
+        works but is not held out). It must have documents.
     num_samples
-        SVI only: posterior draws of the task adapters for the distances (default 100; each
-        draw costs ``D x P`` random numbers and no forward pass). Draw ``s`` is
-        ``result.sample_adapters(1, seed=seed + s)``. Must be left ``None`` for MAP.
+        SVI only: posterior draws of the task adapters (default 100). Draw ``s`` is
+        ``result.sample_adapters(1, seed=seed + s)``; its distances cost ``D x P`` random numbers
+        and no forward pass. Must be left ``None`` for MAP.
     predictive_samples
-        SVI only: posterior draws for the held-out predictive quantities, passed to
-        ``result.evaluate(split, num_samples=...)``; each costs one pass over the split
-        (``0``: at the posterior mean only).
+        SVI only: how many of those draws (the first ones) also get the held-out
+        log-likelihood, one pass over the split each; at most ``num_samples``. ``0``: the
+        log-likelihood at the posterior mean only (one pass; not usable by ``az.loo``).
     max_docs_per_task
         Evaluate on a seeded subset of at most this many documents per task (as in
         `BoraResult.evaluate`).
+    batch_size
+        Documents per forward pass of the evaluation (default twice the training batch size).
     fisher
         MAP only: the ``[D, P]`` curvature for the shrinkage; default `diagonal_fisher` of the
         training documents (one backward per document, in batches).
@@ -258,8 +269,14 @@ def to_inference_data(
 
     Returns
     -------
-    ``arviz.InferenceData`` with groups ``posterior``, ``heldout`` and ``constant_data``;
-    ``attrs["inference"]`` is ``"map"`` or ``"svi"``.
+    ``arviz.InferenceData`` with groups ``posterior``, ``log_likelihood`` and
+    ``constant_data``; ``attrs["inference"]`` is ``"map"`` or ``"svi"``.
+
+    Raises
+    ------
+    ValueError
+        For ``num_samples`` with a MAP result, ``predictive_samples > num_samples``, a split
+        without documents, or counts that are not (non-negative) integers.
     """
     az = import_arviz()
     import xarray as xr
@@ -273,17 +290,16 @@ def to_inference_data(
             "estimate, stored as one draw); leave num_samples=None or fit with "
             "bora_pyro.fit_svi(..., init=<this result>)."
         )
-    _check_positive_int("num_samples", num_samples)
-    if isinstance(predictive_samples, bool) or not isinstance(predictive_samples, int) or predictive_samples < 0:
+    num_samples = positive_int("num_samples", num_samples)
+    predictive_samples = non_negative_int("predictive_samples", predictive_samples)
+    if is_svi and predictive_samples > num_samples:
         raise ValueError(
-            f"predictive_samples must be an integer >= 0, got predictive_samples={predictive_samples!r}."
+            f"predictive_samples={predictive_samples} exceeds num_samples={num_samples}: the "
+            "log-likelihood is evaluated at the first predictive_samples posterior draws; raise "
+            "num_samples or lower predictive_samples."
         )
-    eval_split = result.corpus.split(split)
-    if len(eval_split) == 0:
-        raise ValueError(
-            f"split={split!r} has no documents in this corpus; evaluate on another split "
-            f"(documents per split: { {k: len(v) for k, v in result.corpus.splits.items()} })."
-        )
+    data = evaluation_split(result.corpus, split, max_docs_per_task=max_docs_per_task, seed=seed)
+    options = evaluation_options(result, batch_size)
 
     tasks = list(result.tasks)
     D = len(tasks)
@@ -291,98 +307,83 @@ def to_inference_data(
     theta_g = result.global_adapter.detach().cpu().float()
     norm_g = float(theta_g.norm())
     rel = (lambda d: d / norm_g) if norm_g > 0 else (lambda d: np.full_like(d, np.nan))
+    point = result.task_adapters.detach().cpu().float()
+    point_distance = (point - theta_g).norm(dim=1).double().numpy()
 
-    # Distances: per draw under SVI, of the point under MAP.
-    at_mean = (result.task_adapters.detach().cpu().float() - theta_g).norm(dim=1).double().numpy()
-    if is_svi:
-        distance = np.empty((num_samples, D))
-        for s in tqdm(range(num_samples), desc="posterior draws", disable=not progress, leave=False):
-            draw = result.sample_adapters(1, seed=seed + s)[0]
-            distance[s] = (draw.float() - theta_g).norm(dim=1).double().numpy()
-    else:
-        distance = at_mean[None]
-    S = distance.shape[0]
+    # One loop over the posterior draws: the distance of each, the held-out fit of the first K.
+    K = predictive_samples if is_svi else 0
+    distance = np.empty((num_samples, D))
+    log_lik = []
+    for s in tqdm(range(num_samples), desc="posterior draws", disable=not progress or not is_svi, leave=False):
+        theta = result.sample_adapters(1, seed=seed + s)[0] if is_svi else point
+        distance[s] = (theta.float() - theta_g).norm(dim=1).double().numpy()
+        if s < K:
+            nll, doc_tokens = per_doc_nll(result.lm, theta, data, **options)
+            log_lik.append(-nll)
+    if not log_lik:  # MAP, or SVI at the posterior mean only
+        nll, doc_tokens = per_doc_nll(result.lm, point, data, **options)
+        log_lik.append(-nll)
+    draws_note = (
+        f"posterior draws 0..{K - 1} (draw s = result.sample_adapters(1, seed={seed} + s))" if K
+        else "the posterior mean (one point, not a draw)" if is_svi else "the MAP (one point, not a draw)"
+    )
 
     if fisher is None and not is_svi:
         fisher = diagonal_fisher(result, max_docs_per_task=fisher_max_docs_per_task, seed=seed, progress=progress)
     shrink, shrink_g = shrinkage_factors(result, fisher=fisher)
 
-    # Held-out predictive fit.
-    eval_kw = dict(max_docs_per_task=max_docs_per_task, seed=seed, progress=progress)
-    if is_svi:
-        table = result.evaluate(split, num_samples=predictive_samples, **eval_kw)
-    else:
-        table = result.evaluate(split, **eval_kw)
-    per_task = table.iloc[:D]
-    nll_token = per_task["nll"].to_numpy(float, copy=True)  # copies: pandas' arrays may be read-only
-    n_tokens = per_task["n_tokens"].to_numpy(np.int64, copy=True)
-    lpd = -nll_token * n_tokens
-
-    def rep(values: np.ndarray) -> np.ndarray:
-        """``[...]`` -> ``[1, S, ...]``: a point value repeated along the draws."""
-        values = np.asarray(values, dtype=np.float64)
-        return np.broadcast_to(values, (1, S, *values.shape)).copy()
-
-    cd = ("chain", "draw")
-    posterior = {
-        "tau": (cd + ("group",), rep(tau.numpy())),
-        "distance": (cd + ("task",), distance[None]),
-        "relative_distance": (cd + ("task",), rel(distance)[None]),
-        "shrinkage": (cd + ("task",), rep(shrink)),
-        "shrinkage_by_group": (cd + ("task", "group"), rep(shrink_g)),
-        "lpd": (cd + ("task",), rep(lpd)),
-        "perplexity": (cd + ("task",), rep(np.exp(nll_token))),
-    }
-    constant = ["tau", "shrinkage", "shrinkage_by_group", "lpd", "perplexity"]
-    if is_svi:
-        posterior["distance_at_mean"] = (cd + ("task",), rep(at_mean))
-        posterior["relative_distance_at_mean"] = (cd + ("task",), rep(rel(at_mean)))
-        constant += ["distance_at_mean", "relative_distance_at_mean"]
-    coords = {"chain": [0], "draw": np.arange(S), "task": tasks, "group": names}
     method = "svi" if is_svi else "map"
-    post_attrs = {
-        "inference": method,
-        "constant_along_draw": ", ".join(constant),
-        "shrinkage_source": (
-            "posterior variances of the mean-field guide: mean_i tau_g(i) * task_scales_di^2" if is_svi
-            else "diagonal empirical Fisher h at the MAP: mean_i tau_g(i) / (h_di + tau_g(i))"
-        ),
-        "note": (
-            f"SVI: distances are per posterior draw ({S} draws, draw s = "
-            f"result.sample_adapters(1, seed={seed} + s)); tau is an empirical-Bayes point "
-            "estimate; lpd and perplexity are posterior-predictive." if is_svi
-            else "MAP: point estimates stored as chain=1, draw=1; sd, hdi, ess and r_hat in "
-            "az.summary carry no information."
-        ),
-    }
-    posterior_ds = xr.Dataset(
-        {k: xr.DataArray(v, dims=dims) for k, (dims, v) in posterior.items()},
-        coords=coords, attrs=post_attrs,
+    cd = ("chain", "draw")
+    posterior = xr.Dataset(
+        {
+            "distance": (cd + ("task",), distance[None]),
+            "relative_distance": (cd + ("task",), rel(distance)[None]),
+        },
+        coords={"chain": [0], "draw": np.arange(num_samples), "task": tasks},
+        attrs={
+            "inference": method,
+            "draws": (f"{num_samples} posterior draws, draw s = result.sample_adapters(1, seed={seed} + s)"
+                      if is_svi else "the MAP (one point, not a draw): sd, hdi, ess and r_hat mean nothing"),
+        },
     )
-    heldout_vars = {"nll": nll_token, "perplexity": np.exp(nll_token)}
-    for col in ("perplexity_at_mean", "perplexity_low", "perplexity_high"):
-        if col in per_task:
-            heldout_vars[col] = per_task[col].to_numpy(float, copy=True)
-    heldout_attrs = {
-        "split": split,
-        "overall_perplexity": float(table.attrs["overall_perplexity"]),
-        "predictive_samples": int(table.attrs.get("num_samples", 0)),
-        "interval": float(table.attrs.get("interval", math.nan)),
-        "max_docs_per_task": -1 if max_docs_per_task is None else int(max_docs_per_task),
+    doc_coords = {
+        "doc": np.arange(len(data)),
+        "doc_task": ("doc", [tasks[d] for d in data.task_ids.tolist()]),
+        "source_row": ("doc", np.asarray(data.source_index, dtype=np.int64)),
     }
-    heldout = xr.Dataset(
-        {k: ("task", np.asarray(v, dtype=np.float64)) for k, v in heldout_vars.items()},
-        coords={"task": tasks}, attrs=heldout_attrs,
+    log_likelihood = xr.Dataset(
+        {OBSERVED: (cd + ("doc",), torch.stack(log_lik).numpy()[None])},
+        coords={"chain": [0], "draw": np.arange(len(log_lik)), **doc_coords},
+        attrs={
+            "split": split,
+            "max_docs_per_task": -1 if max_docs_per_task is None else int(max_docs_per_task),
+            "seed": int(seed),
+            "draws": draws_note,
+            "units": "nats per document, summed over its scored tokens",
+        },
     )
     train = result.corpus.split("train")
     constant_data = xr.Dataset(
         {
+            "tau": ("group", tau.numpy()),
+            "shrinkage": ("task", np.asarray(shrink, dtype=np.float64)),
+            "shrinkage_by_group": (("task", "group"), np.asarray(shrink_g, dtype=np.float64)),
+            "point_distance": ("task", point_distance),
+            "point_relative_distance": ("task", rel(point_distance)),
             "n_train_docs": ("task", np.asarray(train.docs_per_task, dtype=np.int64)),
             "n_train_tokens": ("task", np.asarray(train.tokens_per_task, dtype=np.int64)),
-            "n_eval_docs": ("task", per_task["n_docs"].to_numpy(np.int64, copy=True)),
-            "n_eval_tokens": ("task", n_tokens),
+            "n_eval_docs": ("task", np.asarray(data.docs_per_task, dtype=np.int64)),
+            "n_eval_tokens": ("task", np.asarray(data.tokens_per_task, dtype=np.int64)),
+            "doc_tokens": ("doc", doc_tokens.numpy()),
         },
-        coords={"task": tasks}, attrs={"eval_split": split},
+        coords={"task": tasks, "group": names, **doc_coords},
+        attrs={
+            "eval_split": split,
+            "shrinkage_source": (
+                "posterior variances of the mean-field guide: mean_i tau_g(i) * task_scales_di^2" if is_svi
+                else "diagonal empirical Fisher h at the MAP: mean_i tau_g(i) / (h_di + tau_g(i))"
+            ),
+        },
     )
     attrs = {
         "inference": method,
@@ -393,13 +394,37 @@ def to_inference_data(
         "num_params": int(result.task_adapters.shape[1]),
         "eval_split": split,
     }
-    if not is_svi:
-        attrs["note"] = post_attrs["note"]
     return az.InferenceData(
-        posterior=posterior_ds, heldout=heldout, constant_data=constant_data, attrs=attrs
+        posterior=posterior, log_likelihood=log_likelihood, constant_data=constant_data, attrs=attrs
     )
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
+def heldout_table(idata, *, interval: float = 0.95) -> pd.DataFrame:
+    """Held-out perplexity per task from an InferenceData of `to_inference_data`.
+
+    With several log-likelihood draws (SVI), the posterior-predictive table of
+    `bora_pyro.evaluation.predictive_table` (``nll`` and ``perplexity`` from
+    ``-log mean_s p(doc | theta_s)``, ``perplexity_low`` / ``perplexity_high`` the central
+    ``interval`` over the draws); with one point (MAP, or the SVI posterior mean) the
+    `perplexity_table` of that point. Either equals `BoraResult.evaluate` on the same documents
+    and draws.
+
+    Returns
+    -------
+    DataFrame with one row per task and a last row ``overall``, columns ``task``, ``n_docs``,
+    ``n_tokens``, ``nll``, ``perplexity`` (and the interval columns).
+    """
+    cd = idata.constant_data
+    tasks = [str(t) for t in cd["task"].values]
+    ll = idata.log_likelihood[OBSERVED].stack(sample=("chain", "draw")).transpose("sample", "doc")
+    nll = -torch.as_tensor(np.asarray(ll.values, dtype=np.float64))  # [S, N]
+    index = {t: d for d, t in enumerate(tasks)}
+    task_ids = torch.tensor([index[str(t)] for t in ll["doc_task"].values], dtype=torch.long)
+    tokens = torch.as_tensor(np.asarray(cd["doc_tokens"].values, dtype=np.int64))
+    if nll.shape[0] > 1:
+        return predictive_table(tasks, nll, tokens, task_ids, interval=interval)
+    D = len(tasks)
+    return perplexity_table(
+        tasks, sum_per_task(nll[0], task_ids, D).numpy(), sum_per_task(tokens, task_ids, D).numpy(),
+        np.bincount(task_ids.numpy(), minlength=D),
+    )

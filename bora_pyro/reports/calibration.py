@@ -13,22 +13,19 @@ predictions are right 70% of the time, and so on for every bin.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+
+from ..checks import positive_int
+from ..data import IGNORE_INDEX
+from ..evaluation import evaluation_options, evaluation_split, iterate_split, select_adapters
+from .protocol import FitLike
 
 __all__ = ["Calibration", "expected_calibration_error", "calibration_per_task"]
-
-
-def _check_bins(n_bins) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got n_bins={n_bins!r}.")
-    return int(n_bins)
 
 
 def _bin_index(confidences: np.ndarray | torch.Tensor, n_bins: int):
@@ -54,7 +51,7 @@ def expected_calibration_error(confidences, correct, n_bins: int = 15) -> float:
     -------
     The ECE, a float in [0, 1]; ``nan`` for N = 0.
     """
-    n_bins = _check_bins(n_bins)
+    n_bins = positive_int("n_bins", n_bins)
     conf = np.asarray(confidences, dtype=np.float64).reshape(-1)
     hit = np.asarray(correct, dtype=np.float64).reshape(-1)
     if conf.shape != hit.shape:
@@ -150,9 +147,8 @@ class Calibration:
             })
 
 
-@torch.no_grad()
 def calibration_per_task(
-    result,
+    result: FitLike,
     split: str = "test",
     *,
     adapters: str = "tasks",
@@ -165,14 +161,15 @@ def calibration_per_task(
     """Top-1 next-token confidence and correctness of every scored token, binned per task.
 
     One forward pass per batch of documents (tasks mixed, each row with its own task's adapter),
-    as in `BoraResult.evaluate`. Under SVI the posterior-mean adapters are used.
+    through `bora_pyro.evaluation.iterate_split` as in `BoraResult.evaluate`. Under SVI the
+    posterior-mean adapters are used.
 
     Parameters
     ----------
     result
-        A `BoraResult`.
+        A fitted result (`FitLike`, e.g. a `BoraResult`).
     split
-        ``"test"``, ``"validation"`` or ``"train"``.
+        ``"test"``, ``"validation"`` or ``"train"``; it must have documents.
     adapters
         ``"tasks"``, ``"global"`` or ``"base"``, as in `BoraResult.evaluate`.
     max_docs_per_task
@@ -190,35 +187,20 @@ def calibration_per_task(
     -------
     `Calibration`; ``.table()`` has the ECE per task, ``.reliability(task)`` the diagram data.
     """
-    from ..runtime import autocast_dtype as _autocast_dtype
-
-    n_bins = _check_bins(n_bins)
-    choices = {"tasks": result.task_adapters, "global": result.global_adapter, "base": None}
-    if adapters not in choices:
-        raise ValueError(f"adapters={adapters!r} is not valid; choose one of {list(choices)}.")
-    data = result.corpus.split(split)
-    if max_docs_per_task is not None:
-        data = data.subset(max_docs_per_task, seed=seed)
-    batch_size = batch_size or 2 * int(result.fit_args.get("batch_size", 8))
-    lm, device = result.lm, result.device
-    theta = choices[adapters]
-    theta = None if theta is None else theta.detach().to(device, torch.float32)
-    dtype = _autocast_dtype(result.fit_args.get("autocast"), device)
-    amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    n_bins = positive_int("n_bins", n_bins)
+    theta = select_adapters(result, adapters)
+    data = evaluation_split(result.corpus, split, max_docs_per_task=max_docs_per_task, seed=seed)
     D = len(result.tasks)
     count = torch.zeros(D * n_bins, dtype=torch.float64)
     conf_sum = torch.zeros(D * n_bins, dtype=torch.float64)
     hit_sum = torch.zeros(D * n_bins, dtype=torch.float64)
-    total = math.ceil(len(data) / batch_size)
-    for batch in tqdm(data.batches(batch_size, sort_by_length=True), total=total,
-                      disable=not progress, desc="calibration", leave=False):
-        batch = batch.to(device)
-        task_ids = batch.task_ids if theta is not None and theta.dim() == 2 else None
-        with amp:
-            logits = lm(batch.input_ids, batch.attention_mask, adapters=theta, task_ids=task_ids)
+    for batch, logits, _ in iterate_split(
+        result.lm, data, theta, output="logits", progress=progress, desc="calibration",
+        **evaluation_options(result, batch_size),
+    ):
         logits = logits[:, :-1].float()
         target = batch.labels[:, 1:]
-        scored = target != -100
+        scored = target != IGNORE_INDEX
         top, pred = logits.max(-1)
         conf = (top - torch.logsumexp(logits, -1)).exp()  # max softmax probability, [B, L-1]
         hit = (pred == target) & scored

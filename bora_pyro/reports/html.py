@@ -1,11 +1,11 @@
-"""The uncertainty report: one self-contained HTML file (figures embedded as PNG) and a Markdown
-summary next to it."""
+"""The uncertainty report: one self-contained HTML file (figures embedded as base64 PNG) and a
+Markdown summary next to it, both rendered from the jinja2 templates in ``templates/``; the
+per-task table is written by ``DataFrame.to_html`` / ``DataFrame.to_markdown``."""
 
 from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
 import io
 import math
 import os
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
 from .arviz import import_arviz, to_inference_data
 from .calibration import calibration_per_task
 from .plots import (
@@ -26,8 +26,9 @@ from .plots import (
     plot_shrinkage_forest,
     plot_tau,
 )
+from .protocol import FitLike
 
-__all__ = ["write_report", "SECTIONS"]
+__all__ = ["write_report", "task_table", "SECTIONS"]
 
 #: ``(id, heading)`` of the report's sections, in order.
 SECTIONS = (
@@ -39,24 +40,15 @@ SECTIONS = (
     ("tasks", "Per-task table"),
 )
 
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
-       max-width: 1100px; margin: 2em auto; padding: 0 1.2em; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; }
-h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
-.meta { color: #555; font-size: 0.92em; }
-.meta td { padding: 0.1em 1.2em 0.1em 0; }
-figure { margin: 0.8em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-p.read { color: #444; font-size: 0.95em; }
-table.tasks { border-collapse: collapse; font-size: 0.88em; margin-top: 0.6em; }
-table.tasks th, table.tasks td { border-bottom: 1px solid #e4e4e4; padding: 0.25em 0.7em; text-align: right; }
-table.tasks th { background: #f4f6f9; position: sticky; top: 0; }
-table.tasks td:first-child, table.tasks th:first-child { text-align: left; }
-table.tasks tr.overall td { font-weight: 600; border-top: 2px solid #bbb; }
-nav a { margin-right: 1em; font-size: 0.92em; }
-code { background: #f4f4f4; padding: 0 0.2em; }
-"""
+
+def _templates():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("bora_pyro.reports", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default_for_string=False),
+        keep_trailing_newline=True,
+    )
 
 
 def _png(fig) -> str:
@@ -65,14 +57,9 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(fig, alt: str) -> str:
-    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
-            "</figure>")
-
-
 def _fmt(x: float, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–" if x is None or math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if not math.isfinite(x):
+        return "" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return f"{x:.{digits}g}" if abs(x) >= 1e4 or (x != 0 and abs(x) < 1e-3) else f"{x:.{digits}f}"
 
 
@@ -92,13 +79,11 @@ def task_table(idata, calibration, baseline_frames: Mapping[str, pd.DataFrame]) 
     """One row per task (fewest training documents first) and a last row ``overall``.
 
     Columns: ``task``, ``train_docs``, ``train_tokens``, ``eval_docs``, ``shrinkage``,
-    ``relative_distance`` (at the posterior mean under SVI), ``perplexity`` (and ``ppl_low`` /
+    ``relative_distance`` (of the MAP, or of the posterior mean under SVI), ``perplexity`` (and ``ppl_low`` /
     ``ppl_high`` under SVI), one ``ppl <name>`` per baseline, ``top1_accuracy`` and ``ece``.
     """
-    post, cd = idata.posterior, idata.constant_data
+    cd = idata.constant_data
     tasks = [str(t) for t in cd["task"].values]
-    first = dict(chain=0, draw=0)
-    rel_name = "relative_distance_at_mean" if "relative_distance_at_mean" in post else "relative_distance"
     ppl = perplexity_frame(idata)
     cal = calibration.table().set_index("task")
     df = pd.DataFrame({
@@ -106,8 +91,8 @@ def task_table(idata, calibration, baseline_frames: Mapping[str, pd.DataFrame]) 
         "train_docs": cd["n_train_docs"].values,
         "train_tokens": cd["n_train_tokens"].values,
         "eval_docs": cd["n_eval_docs"].values,
-        "shrinkage": post["shrinkage"].isel(**first).values,
-        "relative_distance": post[rel_name].isel(**first).values,
+        "shrinkage": cd["shrinkage"].values,
+        "relative_distance": cd["point_relative_distance"].values,
         "perplexity": ppl.loc[tasks, "perplexity"].to_numpy(),
     })
     if ppl["low"].notna().all():
@@ -136,41 +121,25 @@ _HEADERS = {
 }
 
 
-def _cells(row: pd.Series) -> list[str]:
-    out = []
-    for col, v in row.items():
-        if col == "task":
-            out.append(str(v))
-        elif col in ("train_docs", "train_tokens", "eval_docs"):
-            out.append(f"{int(v):,}")
-        elif isinstance(v, (float, np.floating)) and math.isnan(v):
-            out.append("")
-        elif col.startswith("ppl") or col == "perplexity":
-            out.append(f"{v:.2f}")
-        else:
-            out.append(_fmt(float(v), 4 if col in ("shrinkage",) else 3))
-    return out
+def _formatter(column: str):
+    if column == "task":
+        return str
+    if column in ("train_docs", "train_tokens", "eval_docs"):
+        return lambda v: f"{int(v):,}"
+    if column.startswith("ppl") or column == "perplexity":
+        return lambda v: "" if math.isnan(v) else f"{v:.2f}"
+    digits = 4 if column == "shrinkage" else 3
+    return lambda v: _fmt(float(v), digits)
 
 
-def _html_table(df: pd.DataFrame, split: str) -> str:
-    head = "".join(f"<th>{html.escape(_HEADERS.get(c, c).format(split=split))}</th>" for c in df.columns)
-    rows = []
-    for _, row in df.iterrows():
-        cls = ' class="overall"' if row["task"] == "overall" else ""
-        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(row)) + "</tr>")
-    return f'<table class="tasks"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
-
-
-def _md_table(df: pd.DataFrame, split: str) -> str:
-    head = [_HEADERS.get(c, c).format(split=split) for c in df.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if c == "task" else "---:" for c in df.columns) + "|"]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row)) + " |")
-    return "\n".join(lines)
+def _formatted(table: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The per-task table as text, with the report's headers (for ``to_html`` / ``to_markdown``)."""
+    text = pd.DataFrame({c: table[c].map(_formatter(c)) for c in table.columns})
+    return text.rename(columns={c: _HEADERS.get(c, c).format(split=split) for c in table.columns})
 
 
 def write_report(
-    result,
+    result: FitLike,
     path: str | os.PathLike,
     *,
     baselines: Mapping[str, Any] | None = None,
@@ -197,7 +166,7 @@ def write_report(
     Parameters
     ----------
     result
-        A `BoraResult`.
+        A fitted result (`FitLike`, e.g. a `BoraResult`).
     path
         The HTML file (``.html``), or an existing folder (then ``report.html`` in it).
     baselines
@@ -232,7 +201,7 @@ def write_report(
             max_docs_per_task=max_docs_per_task, fisher=fisher, fisher_max_docs_per_task=fisher_max_docs_per_task,
             seed=seed, progress=progress,
         )
-    elif not isinstance(idata, az.InferenceData) or list(idata.posterior["task"].values) != list(result.tasks):
+    elif not isinstance(idata, az.InferenceData) or list(idata.constant_data["task"].values) != list(result.tasks):
         raise ValueError(
             "idata must be the arviz.InferenceData of this result (bora_pyro.to_inference_data(result)); "
             "its tasks differ or it is not an InferenceData."
@@ -268,10 +237,12 @@ def write_report(
         "a diagonal empirical Fisher h (summed squared per-document gradients of the training "
         "log-likelihood at the MAP): shrinkage_d = mean_i tau_g(i) / (h_di + tau_g(i))"
     )
+    n_ll = idata.log_likelihood.sizes["draw"]
     ppl_note = (
-        f"Posterior-predictive perplexity over {int(idata.heldout.attrs['predictive_samples'])} "
-        "posterior draws, with the central 95% of the task's perplexity over the draws."
-        if result.task_scales is not None else "Perplexity of the MAP adapters (a point estimate: no interval)."
+        f"Posterior-predictive perplexity over {n_ll} posterior draws, with the central 95% of the "
+        "task's perplexity over the draws." if n_ll > 1
+        else "Perplexity at the posterior mean (no posterior draws: no interval)." if result.task_scales is not None
+        else "Perplexity of the MAP adapters (a point estimate: no interval)."
     )
     base_note = (f" Baselines: {', '.join(frames)}." if frames else
                  " No baselines were given (pass e.g. {'tau=0': r0, 'tau=inf': rinf} to compare).")
@@ -299,7 +270,7 @@ def write_report(
                   + (" of the posterior mean" if result.task_scales is not None else "")
                   + f"; perplexity on the {split} split"
                   + (" (posterior-predictive, with the 2.5% and 97.5% points over posterior draws)"
-                     if result.task_scales is not None else "")
+                     if n_ll > 1 else "")
                   + (", beside the baselines" if frames else "")
                   + f"; top-1 accuracy and ECE ({n_bins} bins) of next-token predictions."),
     }
@@ -317,33 +288,21 @@ def write_report(
         ("evaluated on", f"{split} split, {subset}"),
         ("written", f"{_dt.datetime.now():%Y-%m-%d %H:%M} by bora_pyro {__version__}"),
     ]
-    nav = "".join(f'<a href="#{sid}">{html.escape(head)}</a>' for sid, head in SECTIONS)
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        '<table class="meta">' + "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in meta) + "</table>",
-        f"<nav>{nav}</nav>",
+    sections = [
+        {"id": sid, "heading": head, "text": texts[sid],
+         "png": _png(figures[sid][0]) if sid in figures else None,
+         "alt": figures[sid][1] if sid in figures else None}
+        for sid, head in SECTIONS
     ]
-    for sid, head in SECTIONS:
-        parts.append(f'<section id="{sid}"><h2>{html.escape(head)}</h2>')
-        parts.append(f'<p class="read">{html.escape(texts[sid])}</p>')
-        if sid in figures:
-            fig, alt = figures[sid]
-            parts.append(_figure(fig, alt))
-        else:
-            parts.append(_html_table(table, split))
-        parts.append("</section>")
-    parts.append("</body></html>")
+    text = _formatted(table, split)
+    align = ["left"] + ["right"] * (text.shape[1] - 1)
+    context = {
+        "title": title, "meta": meta, "sections": sections, "html_name": out.name,
+        "table_html": text.to_html(index=False, classes="tasks", border=0, justify="left"),
+        "table_markdown": text.to_markdown(index=False, colalign=align, disable_numparse=True),
+    }
+    env = _templates()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts), encoding="utf-8")
-
-    md = [f"# {title}", ""]
-    md += [f"- **{k}**: {v}" for k, v in meta]
-    md += ["", f"Figures are in [{out.name}]({out.name}).", ""]
-    for sid, head in SECTIONS:
-        md += [f"## {head}", "", texts[sid], ""]
-    md += [_md_table(table, split), ""]
-    out.with_suffix(".md").write_text("\n".join(md), encoding="utf-8")
+    out.write_text(env.get_template("report.html").render(context), encoding="utf-8")
+    out.with_suffix(".md").write_text(env.get_template("report.md").render(context), encoding="utf-8")
     return out

@@ -1,6 +1,7 @@
 """Figures of a fitted BoRA model, as matplotlib ``Figure`` objects (notebooks, scripts, reports).
 
-Every function takes an ``arviz.InferenceData`` from `to_inference_data` or a `BoraResult` (then
+Every function takes an ``arviz.InferenceData`` from `to_inference_data` or a fitted result
+(`FitLike`, e.g. a `BoraResult`; then
 converted with `to_inference_data`, which evaluates the held-out split: convert once and pass
 the InferenceData when drawing several figures). Figures are built without pyplot, so nothing
 is left open in a global figure list; in a notebook the returned figure displays itself. Pass
@@ -18,8 +19,9 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from .arviz import import_arviz, to_inference_data
+from .arviz import heldout_table, import_arviz, to_inference_data
 from .calibration import Calibration, calibration_per_task, expected_calibration_error
+from .protocol import FitLike
 
 __all__ = [
     "plot_tau",
@@ -37,18 +39,12 @@ _WIDTH = 10.0  # inches: every figure of a report has the same width
 _COLORS = ("#d1495b", "#2e933c", "#edae49", "#7a5195", "#00798c", "#8c564b")
 
 
-def _is_result(obj: Any) -> bool:
-    from ..result import BoraResult
-
-    return isinstance(obj, BoraResult)
-
-
 def _as_idata(source: Any):
-    if _is_result(source):
-        return to_inference_data(source)
     az = import_arviz()
     if isinstance(source, az.InferenceData):
         return source
+    if isinstance(source, FitLike):
+        return to_inference_data(source)
     raise ValueError(
         f"Expected an arviz.InferenceData from bora_pyro.to_inference_data or a BoraResult, got "
         f"{type(source).__name__}."
@@ -81,13 +77,8 @@ def _task_order(idata) -> tuple[list[str], np.ndarray]:
     return [str(t) for t in n["task"].values[order]], n.values[order]
 
 
-def _point(da) -> np.ndarray:
-    """A variable constant along (chain, draw): its value, ``[...]``."""
-    return da.isel(chain=0, draw=0).values
-
-
 def _method(idata) -> str:
-    return str(idata.posterior.attrs.get("inference", idata.attrs.get("inference", "?"))).upper()
+    return str(idata.attrs.get("inference", "?")).upper()
 
 
 def plot_tau(source: Any, *, history: Mapping | None = None, ax=None):
@@ -96,19 +87,19 @@ def plot_tau(source: Any, *, history: Mapping | None = None, ax=None):
     Parameters
     ----------
     source
-        InferenceData or `BoraResult`. A result also gives the path of tau over the training
-        steps (its ``history``) in a second panel.
+        InferenceData or a fitted result. A result also gives the path of tau over the
+        training steps (its ``history``) in a second panel.
     history
         The training history (``{"step": [...], "tau": [[...], ...]}``) when ``source`` is an
         InferenceData.
     ax
         Draw the values into this axes (the path is then not drawn).
     """
-    if _is_result(source):
-        history = history if history is not None else source.history
+    if isinstance(source, FitLike) and history is None:
+        history = source.history
     idata = _as_idata(source)
-    names = [str(g) for g in idata.posterior["group"].values]
-    tau = _point(idata.posterior["tau"]).astype(float)
+    names = [str(g) for g in idata.constant_data["group"].values]
+    tau = idata.constant_data["tau"].values.astype(float)
     steps = list((history or {}).get("step", []))
     path = np.asarray((history or {}).get("tau", []), dtype=float)
     mode = str(idata.attrs.get("tau_mode", ""))
@@ -171,8 +162,9 @@ def plot_shrinkage_forest(source: Any, *, by_group: bool | None = None, ax=None)
     """
     idata = _as_idata(source)
     tasks, n_train = _task_order(idata)
-    values = _point(idata.posterior["shrinkage"].sel(task=tasks)).astype(float)
-    groups = [str(g) for g in idata.posterior["group"].values]
+    cd = idata.constant_data
+    values = cd["shrinkage"].sel(task=tasks).values.astype(float)
+    groups = [str(g) for g in cd["group"].values]
     if by_group is None:
         by_group = 1 < len(groups) <= 4
     owns = ax is None
@@ -180,7 +172,7 @@ def plot_shrinkage_forest(source: Any, *, by_group: bool | None = None, ax=None)
     y = np.arange(len(tasks))[::-1]
     ax.scatter(values, y, color=_BORA, s=36, zorder=3, label="all adapter entries")
     if by_group:
-        per_group = _point(idata.posterior["shrinkage_by_group"].sel(task=tasks)).astype(float)
+        per_group = cd["shrinkage_by_group"].sel(task=tasks).values.astype(float)
         markers = "^vsD"
         for j, g in enumerate(groups):
             ax.scatter(per_group[:, j], y, facecolors="none", edgecolors=_COLORS[j % len(_COLORS)],
@@ -222,14 +214,14 @@ def plot_distance_vs_size(
     tasks = [str(t) for t in n["task"].values]
     x = n.values.astype(float)
     post = idata.posterior
-    is_svi = f"{name}_at_mean" in post
-    y = _point(post[f"{name}_at_mean"] if is_svi else post[name]).astype(float)
+    is_svi = _method(idata) == "SVI"
+    y = idata.constant_data[f"point_{name}"].sel(task=tasks).values.astype(float)
     owns = ax is None
     fig, ax = _new_axes(ax, (_WIDTH, 5.0))
     ax.scatter(x, y, color=_BORA, s=42, zorder=3,
                label="posterior mean" if is_svi else "MAP adapter")
     if draws and is_svi:
-        samples = post[name].stack(sample=("chain", "draw")).transpose("task", "sample").values
+        samples = post[name].sel(task=tasks).stack(sample=("chain", "draw")).transpose("task", "sample").values
         med = np.median(samples, axis=1)
         lo, hi = np.quantile(samples, [0.025, 0.975], axis=1)
         ax.errorbar(x, med, yerr=[med - lo, hi - med], fmt="s", ms=4, color="0.45", capsize=3,
@@ -257,24 +249,19 @@ def perplexity_frame(
 ) -> pd.DataFrame:
     """Per-task held-out perplexity, indexed by task: ``perplexity``, ``low``, ``high``.
 
-    ``source`` is an InferenceData (its ``heldout`` group), a `BoraResult` (evaluated on
-    ``split``) or a DataFrame from `BoraResult.evaluate`. ``low``/``high`` are the central
-    95% over posterior draws (SVI) and ``nan`` otherwise. ``df.attrs["overall"]`` is the
-    token-weighted perplexity over all tasks.
+    ``source`` is an InferenceData (its held-out log-likelihood, `heldout_table`), a fitted
+    result (evaluated on ``split``) or a DataFrame from `BoraResult.evaluate`. ``low``/``high``
+    are the central 95% over posterior draws (SVI) and ``nan`` otherwise.
+    ``df.attrs["overall"]`` is the token-weighted perplexity over all tasks.
     """
     az = import_arviz()
     if isinstance(source, az.InferenceData):
-        held = source.heldout
-        df = pd.DataFrame({"perplexity": held["perplexity"].values}, index=[str(t) for t in held["task"].values])
-        df["low"] = held["perplexity_low"].values if "perplexity_low" in held else np.nan
-        df["high"] = held["perplexity_high"].values if "perplexity_high" in held else np.nan
-        df.attrs["overall"] = float(held.attrs.get("overall_perplexity", math.nan))
-        return df
-    if _is_result(source):
+        source = heldout_table(source)
+    elif isinstance(source, FitLike):
         source = source.evaluate(split, max_docs_per_task=max_docs_per_task, seed=seed)
     if not isinstance(source, pd.DataFrame) or not {"task", "perplexity"} <= set(source.columns):
         raise ValueError(
-            "Expected an InferenceData, a BoraResult or a DataFrame from BoraResult.evaluate() "
+            "Expected an InferenceData, a fitted result or a DataFrame from BoraResult.evaluate() "
             f"(columns task, perplexity), got {type(source).__name__}."
         )
     rows = source[source["task"] != "overall"]
@@ -310,7 +297,7 @@ def plot_perplexity(
         InferenceData (``split`` ``"test"``).
     """
     idata = _as_idata(source)
-    held = idata.heldout.attrs
+    held = idata.log_likelihood.attrs
     split = split or str(held.get("split", "test"))
     if max_docs_per_task is None and int(held.get("max_docs_per_task", -1)) > 0:
         max_docs_per_task = int(held["max_docs_per_task"])

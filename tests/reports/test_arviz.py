@@ -1,5 +1,6 @@
 """`to_inference_data`: values equal the fitted result's, closed forms for shrinkage, netCDF round trip."""
 
+import copy
 import math
 
 import numpy as np
@@ -8,7 +9,8 @@ import scipy.stats
 import torch
 
 import bora_pyro
-from bora_pyro.reports.arviz import diagonal_fisher, import_arviz, shrinkage_factors, to_inference_data
+from bora_pyro.evaluation import per_doc_nll
+from bora_pyro.reports.arviz import diagonal_fisher, heldout_table, import_arviz, shrinkage_factors, to_inference_data
 from tests.conftest import assert_close
 from tests.tiny_result import tiny_result
 
@@ -20,69 +22,75 @@ def _tau_per_param(result):
     return torch.tensor([result.tau[g] for g in names], dtype=torch.float64)[index]
 
 
+GROUPS = ("posterior", "log_likelihood", "constant_data")
+
+
 def _round_trip(idata, path):
     idata.to_netcdf(str(path))
     back = az.from_netcdf(str(path))
-    for group in ("posterior", "heldout", "constant_data"):
+    assert set(back.groups()) == set(GROUPS)
+    for group in GROUPS:
         a, b = getattr(idata, group), getattr(back, group)
         assert set(a.data_vars) == set(b.data_vars)
         for name in a.data_vars:
             assert a[name].dims == b[name].dims, name
             np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{group}.{name}")
-        assert list(b["task"].values) == list(a["task"].values)
+    assert list(back.constant_data["task"].values) == list(idata.constant_data["task"].values)
+    assert list(back.log_likelihood["doc_task"].values) == list(idata.log_likelihood["doc_task"].values)
     assert back.attrs["inference"] == idata.attrs["inference"]
     return back
 
 
-def _summary_and_forest(idata, tasks):
-    import matplotlib.pyplot as plt
+def _check_log_likelihood(idata, result, draws, **evaluate_kw):
+    """The log_likelihood group holds -NLL of every test document; heldout_table == evaluate()."""
+    ll = idata.log_likelihood["documents"]
+    test = result.corpus.split("test")
+    assert ll.dims == ("chain", "draw", "doc") and ll.shape == (1, draws, len(test))
+    assert list(ll["doc_task"].values) == [result.tasks[d] for d in test.task_ids.tolist()]
+    np.testing.assert_array_equal(ll["source_row"].values, test.source_index)
+    per_task = np.bincount(test.task_ids.numpy(), weights=idata.constant_data["doc_tokens"].values, minlength=6)
+    np.testing.assert_array_equal(per_task, test.tokens_per_task)
+    table = result.evaluate("test", **evaluate_kw)
+    mine = heldout_table(idata)
+    for column in [c for c in table.columns if c != "perplexity_at_mean"]:
+        if column == "task":
+            assert list(mine[column]) == list(table[column])
+        else:
+            assert_close(mine[column].to_numpy(float), table[column].to_numpy(float), rtol=1e-12, msg=column)
 
-    summary = az.summary(idata, var_names=["shrinkage", "relative_distance"], kind="stats")
-    assert [f"shrinkage[{t}]" for t in tasks] == list(summary.index[: len(tasks)])
-    axes = az.plot_forest(idata, var_names=["shrinkage"])
-    labels = [t.get_text() for t in axes[0].get_yticklabels()]
-    assert all(any(t in label for label in labels) for t in tasks), labels
-    plt.close("all")
-    return summary
 
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # az.summary's sd of a single draw
-def test_map_values_equal_the_result_and_round_trip(map_result, tmp_path):
+def test_map_values_equal_the_result_and_round_trip(map_result, tmp_path, recwarn):
     fisher = diagonal_fisher(map_result)
     idata = to_inference_data(map_result, fisher=fisher)
-    post, tasks = idata.posterior, map_result.tasks
-    assert idata.attrs["inference"] == "map" and "point estimates" in idata.attrs["note"]
-    assert dict(post.sizes) == {"chain": 1, "draw": 1, "task": 6, "group": 2}
-    assert post["shrinkage"].dims == ("chain", "draw", "task")
-    assert list(post["task"].values) == tasks and list(post["group"].values) == ["A", "B"]
+    post, cd, tasks = idata.posterior, idata.constant_data, map_result.tasks
+    assert idata.attrs["inference"] == "map" and "MAP" in idata.log_likelihood.attrs["draws"]
+    assert dict(post.sizes) == {"chain": 1, "draw": 1, "task": 6}
+    assert set(post.data_vars) == {"distance", "relative_distance"}  # no constants along draw
+    assert list(cd["task"].values) == tasks and list(cd["group"].values) == ["A", "B"]
 
-    assert_close(post["tau"].values[0, 0], [map_result.tau["A"], map_result.tau["B"]], rtol=0, atol=0)
+    assert_close(cd["tau"].values, [map_result.tau["A"], map_result.tau["B"]], rtol=0, atol=0)
     summary = map_result.posterior_summary()
     assert_close(post["distance"].values[0, 0], summary["distance"].to_numpy(copy=True), rtol=1e-6)
-    assert_close(post["relative_distance"].values[0, 0], summary["relative_distance"].to_numpy(copy=True), rtol=1e-6)
+    assert_close(cd["point_relative_distance"].values, summary["relative_distance"].to_numpy(copy=True), rtol=1e-6)
     # Shrinkage by hand: mean_i tau_g(i) / (h_di + tau_g(i)).
     tau = _tau_per_param(map_result)
     expected = (tau / (fisher.double() + tau)).mean(1)
-    assert_close(post["shrinkage"].values[0, 0], expected, rtol=1e-12)
-    # Held-out fit: the evaluate() table, lpd = -(nll per token) * tokens.
-    table = map_result.evaluate("test").iloc[:6]
-    assert_close(post["perplexity"].values[0, 0], table["perplexity"].to_numpy(copy=True), rtol=1e-12)
-    assert_close(post["lpd"].values[0, 0], -(table["nll"] * table["n_tokens"]).to_numpy(copy=True), rtol=1e-12)
-    cd = idata.constant_data
+    assert_close(cd["shrinkage"].values, expected, rtol=1e-12)
+    _check_log_likelihood(idata, map_result, 1)
     np.testing.assert_array_equal(cd["n_train_docs"].values, map_result.corpus.split("train").docs_per_task)
     np.testing.assert_array_equal(cd["n_eval_tokens"].values, map_result.corpus.split("test").tokens_per_task)
 
     back = _round_trip(idata, tmp_path / "map.nc")
-    stats = _summary_and_forest(back, tasks)
-    assert_close(stats["mean"].iloc[:6].to_numpy(copy=True), expected, atol=1e-3, rtol=0)  # az.summary rounds
+    az.summary(back, var_names=["relative_distance"], kind="stats")
+    assert not [w for w in recwarn.list if "group" in str(w.message).lower()], [str(w.message) for w in recwarn.list]
 
 
 def test_svi_values_equal_the_result_and_round_trip(svi_result, tmp_path):
     S = 40
     idata = to_inference_data(svi_result, num_samples=S, predictive_samples=3, seed=5)
-    post, tasks = idata.posterior, svi_result.tasks
+    post, cd, tasks = idata.posterior, idata.constant_data, svi_result.tasks
     assert idata.attrs["inference"] == "svi"
-    assert dict(post.sizes) == {"chain": 1, "draw": S, "task": 6, "group": 2}
+    assert dict(post.sizes) == {"chain": 1, "draw": S, "task": 6}
     assert post["distance"].dims == ("chain", "draw", "task")
 
     theta, Theta, sd = svi_result.task_adapters.double(), svi_result.global_adapter.double(), svi_result.task_scales.double()
@@ -90,26 +98,54 @@ def test_svi_values_equal_the_result_and_round_trip(svi_result, tmp_path):
     for s in (0, 17, S - 1):
         draw = svi_result.sample_adapters(1, seed=5 + s)[0]
         assert_close(post["distance"].values[0, s], (draw - svi_result.global_adapter).norm(dim=1), rtol=1e-6)
-    assert_close(post["distance_at_mean"].values[0, 0], svi_result.posterior_summary()["distance"].to_numpy(copy=True), rtol=1e-6)
+    assert_close(cd["point_distance"].values, svi_result.posterior_summary()["distance"].to_numpy(copy=True), rtol=1e-6)
     # E||theta_d - Theta||^2 = ||mu_d - Theta||^2 + sum sigma^2, Var = sum 2 sigma^4 + 4 (mu - Theta)^2 sigma^2;
     # the mean over S draws is within 4 standard errors.
     mean_sq = (theta - Theta).square().sum(1) + sd.square().sum(1)
     var_sq = (2 * sd**4 + 4 * (theta - Theta).square() * sd.square()).sum(1)
     observed = torch.as_tensor(post["distance"].values[0] ** 2).mean(0)
     assert ((observed - mean_sq).abs() < 4 * (var_sq / S).sqrt()).all(), (observed, mean_sq)
-    # Shrinkage by hand: mean_i tau_g(i) * sigma_di^2, constant along draws.
+    # Shrinkage by hand: mean_i tau_g(i) * sigma_di^2.
     expected = (_tau_per_param(svi_result) * sd.square()).mean(1)
-    assert_close(post["shrinkage"].values[0, 0], expected, rtol=1e-12)
-    assert (post["shrinkage"].values == post["shrinkage"].values[:, :1]).all()
-    assert_close(post["tau"].values[0, 0], [100.0, 100.0], rtol=0, atol=0)
-    # Posterior-predictive fit: exactly evaluate(num_samples=3, seed=5).
-    table = svi_result.evaluate("test", num_samples=3, seed=5).iloc[:6]
-    assert_close(post["perplexity"].values[0, 0], table["perplexity"].to_numpy(copy=True), rtol=1e-12)
-    assert_close(idata.heldout["perplexity_low"].values, table["perplexity_low"].to_numpy(copy=True), rtol=1e-12)
-    assert_close(post["lpd"].values[0, 0], -(table["nll"] * table["n_tokens"]).to_numpy(copy=True), rtol=1e-12)
+    assert_close(cd["shrinkage"].values, expected, rtol=1e-12)
+    assert_close(cd["tau"].values, [100.0, 100.0], rtol=0, atol=0)
+    # The log-likelihood draws are posterior draws 0..2: exactly evaluate(num_samples=3, seed=5).
+    _check_log_likelihood(idata, svi_result, 3, num_samples=3, seed=5)
+    draw1 = svi_result.sample_adapters(1, seed=5 + 1)[0]
+    nll1, _ = per_doc_nll(svi_result.lm, draw1, svi_result.corpus.split("test"))
+    assert_close(idata.log_likelihood["documents"].values[0, 1], -nll1, rtol=1e-6)
 
     back = _round_trip(idata, tmp_path / "svi.nc")
-    _summary_and_forest(back, tasks)
+    summary = az.summary(back, var_names=["relative_distance"])
+    assert [f"relative_distance[{t}]" for t in tasks] == list(summary.index)
+    axes = az.plot_forest(back, var_names=["relative_distance"])
+    labels = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert all(any(t in label for label in labels) for t in tasks), labels
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+@pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto")  # 6-8 draws of a tiny model
+def test_loo_and_compare_rank_fits(svi_result, recwarn):
+    """az.loo runs on an SVI result; az.compare ranks it against a fit that is worse by design."""
+    kw = dict(num_samples=8, predictive_samples=8, seed=0)
+    idata = to_inference_data(svi_result, **kw)
+    loo = az.loo(idata, pointwise=True)
+    n_docs = len(svi_result.corpus.split("test"))
+    assert loo.n_data_points == n_docs and loo.n_samples == 8
+    # The documents are held out: elpd_loo is close to the posterior-predictive held-out lpd.
+    table = heldout_table(idata)
+    lpd = -float((table["nll"] * table["n_tokens"]).iloc[:-1].sum())
+    assert abs(loo.elpd_loo - lpd) <= loo.p_loo + 1e-9 and loo.p_loo >= 0, (loo.elpd_loo, lpd, loo.p_loo)
+
+    # The same posterior, every adapter pushed far off: a much worse held-out fit.
+    worse = copy.copy(svi_result)
+    worse.task_adapters = svi_result.task_adapters + 3 * svi_result.task_adapters.std()
+    compared = az.compare({"svi": idata, "shifted": to_inference_data(worse, **kw)})
+    assert list(compared.index) == ["svi", "shifted"]
+    assert compared.loc["svi", "elpd_diff"] == 0 and compared.loc["shifted", "elpd_diff"] > 0
+    assert not [w for w in recwarn.list if "group" in str(w.message).lower()], [str(w.message) for w in recwarn.list]
 
 
 def test_shrinkage_falls_as_training_size_grows(map_result, svi_result):
@@ -163,10 +199,11 @@ def test_shrinkage_closed_forms_and_exact_limits():
 def test_exported_from_the_package_and_the_result(map_result):
     assert bora_pyro.to_inference_data is to_inference_data
     idata = map_result.to_inference_data(fisher_max_docs_per_task=3, max_docs_per_task=2)
-    assert idata.heldout.attrs["max_docs_per_task"] == 2
+    assert idata.log_likelihood.attrs["max_docs_per_task"] == 2
     assert (idata.constant_data["n_eval_docs"].values <= 2).all()
+    assert idata.log_likelihood.sizes["doc"] == int(idata.constant_data["n_eval_docs"].sum())
     expected, _ = shrinkage_factors(map_result, diagonal_fisher(map_result, max_docs_per_task=3))
-    assert_close(idata.posterior["shrinkage"].values[0, 0], expected, rtol=1e-12)
+    assert_close(idata.constant_data["shrinkage"].values, expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -175,9 +212,17 @@ def test_exported_from_the_package_and_the_result(map_result):
         ({"num_samples": 5}, r"num_samples=5 needs an SVI result"),
         ({"fisher": torch.ones(2, 3)}, r"fisher has shape \(2, 3\).*diagonal_fisher"),
         ({"predictive_samples": -1}, r"predictive_samples must be an integer >= 0"),
+        ({"batch_size": 0}, r"batch_size must be a positive integer or None"),
         ({"split": "dev"}, r"unknown split 'dev'"),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         to_inference_data(tiny_result(), **kwargs)
+
+
+def test_svi_needs_as_many_posterior_draws_as_log_likelihood_draws():
+    result = tiny_result()
+    result.task_scales = torch.full_like(result.task_adapters, 0.01)
+    with pytest.raises(ValueError, match=r"predictive_samples=5 exceeds num_samples=4"):
+        to_inference_data(result, num_samples=4, predictive_samples=5)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bora_pyro.data import IGNORE_INDEX
 from bora_pyro.reports import calibration_per_task, expected_calibration_error
 from tests.conftest import assert_close
 
@@ -61,7 +62,7 @@ def test_calibration_per_task_equals_a_token_by_token_loop(map_result):
             b = split.batch([i])
             probs = lm(b.input_ids, b.attention_mask, adapters=theta, task_ids=b.task_ids)[0, :-1].softmax(-1)
             target = b.labels[0, 1:]
-            keep = target != -100
+            keep = target != IGNORE_INDEX
             top, pred = probs[keep].max(-1)
             d = int(b.task_ids[0])
             conf[d] += top.tolist()

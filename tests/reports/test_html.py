@@ -101,7 +101,10 @@ def test_map_report_with_baselines(map_result, baselines, tmp_path):
         value = expected.loc[expected["task"] == row[0], "perplexity"].iloc[0]
         assert row[column] == f"{value:.2f}"
     assert rows[-1][column] == f"{expected['perplexity'].iloc[-1]:.2f}"  # overall
-    assert "| task | train docs |" in markdown
+    header_line = next(line for line in markdown.splitlines() if line.startswith("| task"))
+    assert [c.strip() for c in header_line.strip("|").split("|")][:3] == ["task", "train docs", "train tokens"]
+    overall = next(line for line in markdown.splitlines() if line.startswith("| overall"))
+    assert f"{expected['perplexity'].iloc[-1]:.2f}" in overall
 
 
 def test_svi_report_has_intervals(svi_result, tmp_path):
