@@ -157,8 +157,8 @@ class MultiTaskLM(nn.Module):
         self,
         base_model: PreTrainedModel,
         *,
-        rank: int = 8,
-        alpha: float = 16.0,
+        rank: int,
+        alpha: float,
         target_modules: Sequence[str] | None = None,
     ):
         super().__init__()
