@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import dumps_json, replace_folder
 from .generation import GLOBAL_TASK
 from .models.layout import AdapterLayout
 
@@ -99,6 +100,7 @@ def export_peft(
     tasks: Sequence[str] | None = None,
     include_global: bool = True,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write each task's adapter (and the global one) as a standard PEFT LoRA adapter folder.
 
@@ -109,7 +111,11 @@ def export_peft(
     method, tau, rank and alpha). Load one with
     ``peft.PeftModel.from_pretrained(base_model, directory / folder)``: its logits equal
     bora_pyro's for that task. In the pooled limit (tau = inf) every task folder holds the global
-    adapter. Existing files of the same names are overwritten.
+    adapter.
+
+    ``directory`` is a folder bora_pyro owns (`bora_pyro.files`): it must be missing or empty, or
+    hold an earlier export that ``overwrite=True`` replaces whole (written beside it, then
+    swapped in by renames); a folder holding other files is refused and left untouched.
 
     Parameters
     ----------
@@ -124,10 +130,18 @@ def export_peft(
     base_model_name_or_path
         What to record as the base model in ``adapter_config.json`` (default: the result's
         ``model_spec``, or the model config's ``_name_or_path`` when the model was an object).
+    overwrite
+        Replace an earlier export at ``directory``.
 
     Returns
     -------
     ``{task name: folder path}``, with the key `GLOBAL_TASK` (``"<global>"``) for the global adapter.
+
+    Raises
+    ------
+    bora_pyro.files.FolderError
+        When ``directory`` holds files bora_pyro did not write, or an earlier export and
+        ``overwrite`` is false.
     """
     layout: AdapterLayout = result.lm.layout
     names = list(result.tasks) if tasks is None else _as_name_list(tasks, "tasks")
@@ -137,17 +151,7 @@ def export_peft(
         raise ValueError(f"tasks lists {dup} more than once; give each task once.")
     folders = safe_folder_names(names)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-
     config = _adapter_config(result, layout, base_model_name_or_path)
-    written: dict[str, Path] = {}
-    task_adapters = result.task_adapters.detach().float().cpu()
-    for name, row, folder in zip(names, rows, folders):
-        written[name] = _write_adapter(directory / folder, task_adapters[row], layout, config)
-    if include_global:
-        global_adapter = result.global_adapter.detach().float().cpu()
-        written[GLOBAL_TASK] = _write_adapter(directory / GLOBAL_FOLDER, global_adapter, layout, config)
-
     index = {
         "format": "bora_pyro.peft_export",
         "version": _version(),
@@ -159,7 +163,18 @@ def export_peft(
         "tasks": dict(zip(names, folders)),
         "global": GLOBAL_FOLDER if include_global else None,
     }
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False))
+    written: dict[str, Path] = {}
+    with replace_folder(directory, "peft", overwrite=overwrite) as tmp:
+        task_adapters = result.task_adapters.detach().float().cpu()
+        for name, row, folder in zip(names, rows, folders):
+            _write_adapter(tmp / folder, task_adapters[row], layout, config)
+            written[name] = directory / folder
+        if include_global:
+            _write_adapter(tmp / GLOBAL_FOLDER, result.global_adapter.detach().float().cpu(), layout, config)
+            written[GLOBAL_TASK] = directory / GLOBAL_FOLDER
+        (tmp / INDEX_FILE).write_text(
+            dumps_json(index, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8"
+        )
     return written
 
 
@@ -343,15 +358,14 @@ def _target_modules(base: torch.nn.Module, layout: AdapterLayout) -> list[str]:
     return kinds if selected == set(wanted) else wanted
 
 
-def _write_adapter(folder: Path, theta: torch.Tensor, layout: AdapterLayout, config: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+def _write_adapter(folder: Path, theta: torch.Tensor, layout: AdapterLayout, config: dict) -> None:
+    folder.mkdir()
     tensors = {}
     for module, _, _ in layout.modules:
         tensors[f"{_PREFIX}{module}.lora_A.weight"] = layout.view(theta, module, "A").contiguous()
         tensors[f"{_PREFIX}{module}.lora_B.weight"] = layout.view(theta, module, "B").contiguous()
     save_file(tensors, folder / _WEIGHTS_FILE, metadata={"format": "pt"})
-    (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return folder
+    (folder / _CONFIG_FILE).write_text(dumps_json(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:

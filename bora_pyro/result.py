@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checks import non_negative_int
@@ -26,6 +25,7 @@ from .evaluation import (
     predictive_table,
     select_adapters,
 )
+from .files import dumps_json, find_folder, replace_folder, restore_floats
 
 __all__ = ["BoraResult", "load_result"]
 
@@ -220,7 +220,7 @@ class BoraResult:
         """Write each task's adapter (and the global one) as a PEFT LoRA folder.
 
         See `bora_pyro.export.export_peft` (keywords ``tasks``, ``include_global``,
-        ``base_model_name_or_path``). Returns ``{task name: folder}``, ``"<global>"`` included.
+        ``base_model_name_or_path``, ``overwrite``). Returns ``{task name: folder}``, ``"<global>"`` included.
         """
         from .export import export_peft
 
@@ -276,19 +276,35 @@ class BoraResult:
 
     # -- persistence ----------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, *, include_corpus: bool = True) -> Path:
-        """Write the fitted state to a folder (atomically: a temp folder, then a rename).
+    def save(self, path: str | os.PathLike, *, include_corpus: bool = True, overwrite: bool = False) -> Path:
+        """Write the fitted state to a folder that bora_pyro owns (see `bora_pyro.files`).
 
-        Files: ``adapters.safetensors`` (task and global adapters, tau, SVI posterior scales), ``config.json`` (model
-        config, layout, tasks, base-model spec, fit arguments, library version, sorted keys),
-        ``history.json`` and, with ``include_corpus``, the tokenised corpus
-        (``corpus.safetensors`` + ``corpus.json``) so that `load_result` can evaluate on the
-        same split without the original data.
+        Files: ``adapters.safetensors`` (task and global adapters, tau, SVI posterior scales),
+        ``config.json`` (model config, layout, tasks, base-model spec, fit arguments, library
+        version, sorted keys), ``history.json`` and, with ``include_corpus``, the tokenised corpus
+        (``corpus.safetensors`` + ``corpus.json``) so that `load_result` can evaluate on the same
+        split without the original data; the JSON files are strict (non-finite numbers as the
+        strings ``"NaN"``, ``"Infinity"``).
+
+        Parameters
+        ----------
+        path
+            The folder: missing or empty, or (with ``overwrite``) an earlier result. A folder
+            holding other files is refused and left untouched.
+        include_corpus
+            Also write the tokenised corpus.
+        overwrite
+            Replace an earlier result at ``path``. The new result is written beside it and
+            swapped in by renames, so that a process killed at any moment leaves the old or the
+            new result whole (`load_result` finds either).
+
+        Raises
+        ------
+        bora_pyro.files.FolderError
+            When ``path`` holds files bora_pyro did not write, or an earlier result and
+            ``overwrite`` is false.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with replace_folder(path, "result", overwrite=overwrite) as tmp:
             group_names = list(self.tau)
             save_file(
                 {
@@ -311,19 +327,15 @@ class BoraResult:
                 "model": self.model_spec,
                 "fit_args": _jsonable(self.fit_args),
             }
-            (tmp / _CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            (tmp / _HISTORY).write_text(json.dumps(_jsonable(self.history)))
+            (tmp / _CONFIG).write_text(dumps_json(meta, indent=2, sort_keys=True), encoding="utf-8")
+            (tmp / _HISTORY).write_text(dumps_json(_jsonable(self.history)), encoding="utf-8")
             if include_corpus:
                 tensors, corpus_meta = self.corpus.state_dict()
                 save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / _CORPUS)
-                (tmp / _CORPUS_META).write_text(json.dumps(corpus_meta, indent=2, sort_keys=True))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+                (tmp / _CORPUS_META).write_text(
+                    dumps_json(corpus_meta, indent=2, sort_keys=True), encoding="utf-8"
+                )
+        return Path(path)
 
 
 def load_result(
@@ -336,10 +348,16 @@ def load_result(
 ) -> BoraResult:
     """Load a result written by `BoraResult.save`.
 
+    Every file is checked against ``config.json`` before the base model is loaded: the tensors'
+    names, shapes (``task_adapters`` and ``task_scales`` ``[D, P]`` with D the number of tasks and
+    P the saved layout's size, ``global_adapter`` ``[P]``, one tau per precision group), floating
+    dtypes and finite values; a damaged file is an error that names the file and the field.
+
     Parameters
     ----------
     path
-        The folder.
+        The folder. If a save over an earlier result was killed in the middle of its swap and the
+        folder is missing, the earlier result kept beside it is read (`bora_pyro.files.find_folder`).
     model, tokenizer
         The base model, when it was given as an object at fit time (or to override the
         recorded spec); by default the recorded spec is loaded (`load_base_model`).
@@ -347,19 +365,42 @@ def load_result(
         A `TaskCorpus` to attach when the result was saved without its corpus.
     device
         Where to put the model.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` holds no ``config.json``.
+    ValueError
+        When a file is damaged or disagrees with ``config.json`` (the message names both).
     """
     from .data import TaskCorpus
     from .models.base import load_base_model
-    from .models.layout import AdapterLayout
     from .models.lora import MultiTaskLM
 
-    path = Path(path)
+    path = find_folder(path)
     if not (path / _CONFIG).is_file():
         raise FileNotFoundError(f"{path} holds no {_CONFIG}; is it a folder written by BoraResult.save()?")
-    meta = json.loads((path / _CONFIG).read_text())
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path / _CONFIG} is not a bora_pyro result (format={meta.get('format')!r}).")
-    config = BoraConfig.from_dict(meta["config"])
+    meta, config, saved_layout = _read_meta(path / _CONFIG)
+    tensors = _read_adapters(path / _ADAPTERS, meta, config, saved_layout)
+    history = _read_history(path / _HISTORY)
+    if data is not None:
+        corpus = data
+    elif (path / _CORPUS).is_file():
+        corpus_meta = _read_json(path / _CORPUS_META)
+        corpus_tensors = _read_safetensors(path / _CORPUS)
+        try:
+            corpus = TaskCorpus.from_state_dict(corpus_tensors, corpus_meta)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path / _CORPUS_META} and {path / _CORPUS} do not hold a TaskCorpus ({err}); the "
+                "files are damaged: save the result again, or pass data=<TaskCorpus>."
+            ) from None
+    else:
+        raise ValueError(
+            f"{path} was saved without its corpus (include_corpus=False); pass data=<TaskCorpus>."
+        )
+    if list(corpus.tasks) != list(meta["tasks"]):
+        raise ValueError("The corpus' tasks differ from the saved result's tasks; pass the corpus it was fitted on.")
     spec = meta["model"]
     if model is None and spec == "<object>":
         raise ValueError(
@@ -368,42 +409,155 @@ def load_result(
         )
     base, tok, spec_loaded = load_base_model(spec if model is None else model, tokenizer, device=device)
     lm = MultiTaskLM(base, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules)
-    saved_layout = AdapterLayout.from_dict(meta["layout"])
     if lm.layout != saved_layout:
         raise ValueError(
             f"The base model's layers do not match the saved adapters ({saved_layout} saved, "
             f"{lm.layout} now): load the same base model the result was fitted on."
         )
-    tensors = load_file(path / _ADAPTERS)
-    if data is not None:
-        corpus = data
-    elif (path / _CORPUS).is_file():
-        corpus = TaskCorpus.from_state_dict(
-            load_file(path / _CORPUS), json.loads((path / _CORPUS_META).read_text())
-        )
-    else:
-        raise ValueError(
-            f"{path} was saved without its corpus (include_corpus=False); pass data=<TaskCorpus>."
-        )
-    if list(corpus.tasks) != list(meta["tasks"]):
-        raise ValueError("The corpus' tasks differ from the saved result's tasks; pass the corpus it was fitted on.")
-    history = json.loads((path / _HISTORY).read_text()) if (path / _HISTORY).is_file() else {}
-    tau_values = tensors["tau"].tolist()
     return BoraResult(
         tasks=list(meta["tasks"]),
         task_adapters=tensors["task_adapters"],
         global_adapter=tensors["global_adapter"],
-        tau=dict(zip(meta["tau_groups"], tau_values)),
+        tau=dict(zip(meta["tau_groups"], tensors["tau"].tolist())),
         config=config,
         history=history,
         lm=lm,
         tokenizer=tok,
         corpus=corpus,
         model_spec=spec_loaded,
-        method=meta.get("method", "map"),
-        fit_args=meta.get("fit_args", {}),
+        method=meta["method"],
+        fit_args=restore_floats(meta["fit_args"]),
         task_scales=tensors.get("task_scales"),
     )
+
+
+#: The fields of config.json and the JSON types they must have.
+_META_FIELDS = {
+    "format": str, "format_version": int, "method": str, "tasks": list, "tau_groups": list,
+    "config": dict, "layout": dict, "model": str, "fit_args": dict,
+}
+#: The BoraConfig fields a saved config must state (they fix the shapes of the adapters).
+_CONFIG_FIELDS = ("rank", "alpha", "target_modules", "tau", "precision_groups")
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file} is missing; the result folder is incomplete: save it again.") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err.reason}); the file is damaged: save the result again.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); the file "
+            "is damaged: save the result again."
+        ) from None
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; the result folder is incomplete: save it again.")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{file} cannot be read as safetensors ({err}); the file is damaged or truncated: save "
+            "the result again."
+        ) from None
+
+
+def _read_meta(file: Path) -> tuple[dict, BoraConfig, Any]:
+    """``config.json`` checked field by field; returns it with its `BoraConfig` and `AdapterLayout`."""
+    from .models.layout import AdapterLayout
+
+    meta = _read_json(file)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not the object BoraResult.save writes.")
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{file} is not a bora_pyro result (format={meta.get('format')!r}).")
+    for key, kind in _META_FIELDS.items():
+        if key not in meta:
+            raise ValueError(f"{file} lacks the field {key!r}; the file is damaged: save the result again.")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise ValueError(
+                f"{file}: field {key!r} must be a JSON {kind.__name__}, got {meta[key]!r}; the file is damaged."
+            )
+    if meta["format_version"] > _FORMAT_VERSION:
+        raise ValueError(
+            f"{file}: field 'format_version' is {meta['format_version']}, but this bora_pyro reads "
+            f"results up to version {_FORMAT_VERSION}; upgrade bora_pyro."
+        )
+    if meta["method"] not in ("map", "svi"):
+        raise ValueError(f"{file}: field 'method' is {meta['method']!r}; expected 'map' or 'svi'.")
+    tasks = meta["tasks"]
+    if not tasks or not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+        raise ValueError(f"{file}: field 'tasks' must be a non-empty list of distinct names, got {tasks!r}.")
+    missing = [k for k in _CONFIG_FIELDS if k not in meta["config"]]
+    if missing:
+        raise ValueError(f"{file}: field 'config' lacks {missing}; the file is damaged: save the result again.")
+    try:
+        config = BoraConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: field 'config': {err}") from None
+    try:
+        layout = AdapterLayout.from_dict(meta["layout"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{file}: field 'layout' is not an adapter layout ({type(err).__name__}: {err}).") from None
+    if (layout.rank, layout.alpha) != (config.rank, config.alpha):
+        raise ValueError(
+            f"{file}: field 'layout' has rank {layout.rank}, alpha {layout.alpha:g}, but field 'config' "
+            f"has rank {config.rank}, alpha {config.alpha:g}; the file is damaged."
+        )
+    groups, _ = layout.group_index(config.precision_groups)
+    if meta["tau_groups"] != groups:
+        raise ValueError(
+            f"{file}: field 'tau_groups' is {meta['tau_groups']!r}, but precision_groups="
+            f"{config.precision_groups!r} on this layout gives {groups!r}; the file is damaged."
+        )
+    return meta, config, layout
+
+
+def _read_adapters(file: Path, meta: dict, config: BoraConfig, layout: Any) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapters.safetensors``, each checked against ``config.json``."""
+    tensors = _read_safetensors(file)
+    D, P, G = len(meta["tasks"]), layout.size, len(meta["tau_groups"])
+    shapes = {"task_adapters": (D, P), "global_adapter": (P,), "tau": (G,)}
+    if meta["method"] == "svi" or "task_scales" in tensors:
+        shapes["task_scales"] = (D, P)
+    missing = [k for k in shapes if k not in tensors]
+    if missing:
+        raise ValueError(f"{file} lacks the tensor(s) {missing} (method={meta['method']!r}); the file is damaged.")
+    unknown = sorted(set(tensors) - set(shapes))
+    if unknown:
+        raise ValueError(f"{file} holds unexpected tensor(s) {unknown}; expected {sorted(shapes)}.")
+    where = f"({D} tasks in config.json, P = {P} for its layout, {G} precision groups {meta['tau_groups']})"
+    for key, shape in shapes.items():
+        value = tensors[key]
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{file}: tensor {key!r} has shape {list(value.shape)}, expected {list(shape)} {where}.")
+        if not value.is_floating_point():
+            raise ValueError(f"{file}: tensor {key!r} has dtype {value.dtype}, expected a floating dtype.")
+        if key == "tau":
+            if torch.isnan(value).any() or (value < 0).any():
+                raise ValueError(f"{file}: tensor 'tau' is {value.tolist()}; precisions must be >= 0 (inf allowed).")
+        elif not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{file}: tensor {key!r} holds {bad} NaN or infinite value(s); the file is damaged.")
+    if "task_scales" in tensors and (tensors["task_scales"] < 0).any():
+        raise ValueError(f"{file}: tensor 'task_scales' holds negative standard deviations; the file is damaged.")
+    return tensors
+
+
+def _read_history(file: Path) -> dict[str, list]:
+    if not file.is_file():
+        return {}
+    history = _read_json(file)
+    if not isinstance(history, dict):
+        raise ValueError(f"{file} holds a JSON {type(history).__name__}, expected an object of lists.")
+    for key, values in history.items():
+        if not isinstance(values, list):
+            raise ValueError(f"{file}: field {key!r} must be a list (one entry per step), got {values!r}.")
+    return restore_floats(history)
 
 
 def _jsonable(value: Any) -> Any:

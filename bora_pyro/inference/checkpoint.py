@@ -1,7 +1,8 @@
 """Checkpoints of a running fit that survive a kill: written atomically, read back exactly.
 
 A checkpoint is a folder ``<checkpoint_dir>/step-XXXXXXXX`` (the last completed step, 0-based)
-holding two files:
+holding two files and the marker of a folder bora_pyro wrote (`bora_pyro.files.MARKER`, kind
+``"checkpoint"``):
 
 * ``state.safetensors``: every tensor of the run's state: the guide's parameters, the AdamW
   state (``exp_avg``, ``exp_avg_sq``, ``step`` per parameter), tau and the stepper's running
@@ -13,12 +14,16 @@ holding two files:
   the run (compared on resume), and the state as a nested JSON tree in which each tensor is
   ``{"__tensor__": "<its key in state.safetensors>"}`` (AdamW's parameter groups, the history,
   best value and step, evaluations without improvement, the minibatch position, Python's RNG).
+  Strict JSON: non-finite numbers (a NaN validation loss, an infinite best value or tau) are
+  written as strings and read back as floats (`bora_pyro.files.dumps_json`).
 
-No pickle is involved. The folder is written under a temporary name (``.tmp-...``) in the
-same directory, flushed to disk, then renamed with `os.replace`; only after that are the
-previous checkpoint and any temporary leftovers removed. A process killed at any moment
+No pickle is involved. The folder is written under a temporary name (``.tmp-...``, the marker
+first) in the same directory, flushed to disk, then renamed with `os.replace`; only after that
+are the previous checkpoint and any temporary leftovers removed. A process killed at any moment
 therefore leaves the previous complete checkpoint (or the new one), and `latest_checkpoint`
-ignores the temporary folders.
+ignores the temporary folders. Only folders that carry the marker are ever read as checkpoints
+or removed: the checkpoint folder may hold the user's own files (a ``step-1/`` or a
+``.tmp-cache/`` of theirs included), which are never touched.
 """
 
 from __future__ import annotations
@@ -27,8 +32,7 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +41,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import (
+    MARKER, FolderError, clear_trash, dumps_json, fsync, read_marker, remove_owned, restore_floats, write_marker,
+)
+
 __all__ = [
-    "Checkpoint", "Checkpointing", "latest_checkpoint", "load_checkpoint", "make_checkpointing", "save_checkpoint",
+    "Checkpoint", "Checkpointing", "latest_checkpoint", "load_checkpoint", "make_checkpointing",
+    "remove_checkpoints", "save_checkpoint",
 ]
 
 _FORMAT = "bora_pyro.checkpoint"
@@ -48,6 +57,7 @@ _META = "checkpoint.json"
 _TENSOR_KEY = "__tensor__"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _TMP_PREFIX = ".tmp-"
+_KIND = "checkpoint"
 
 
 @dataclass
@@ -63,7 +73,8 @@ class Checkpoint:
     every
         Steps between checkpoints of the run that wrote it.
     settings
-        The settings of that run (JSON values), compared by `make_checkpointing`.
+        The settings of that run (JSON values, non-finite numbers as strings), compared by
+        `make_checkpointing`.
     state
         Nested dict: ``stepper`` (see `Stepper.state_dict`), ``batches`` (the minibatch
         stream's ``state_dict``), ``rng`` and ``loop`` (history, best snapshot, early stopping).
@@ -79,6 +90,9 @@ class Checkpoint:
 def save_checkpoint(directory: str | os.PathLike, state: dict, *, step: int, every: int, settings: dict) -> Path:
     """Write ``state`` as ``directory/step-XXXXXXXX`` atomically; remove older checkpoints after.
 
+    Only this library's checkpoint folders (with the marker) and its temporary leftovers are
+    removed; other entries of ``directory`` are left as they are.
+
     Parameters
     ----------
     directory
@@ -91,6 +105,11 @@ def save_checkpoint(directory: str | os.PathLike, state: dict, *, step: int, eve
     Returns
     -------
     The new checkpoint's folder.
+
+    Raises
+    ------
+    bora_pyro.files.FolderError
+        When ``directory/step-XXXXXXXX`` exists and is not a checkpoint folder bora_pyro wrote.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -104,37 +123,67 @@ def save_checkpoint(directory: str | os.PathLike, state: dict, *, step: int, eve
         "state": _encode(state, "", tensors),
     }
     final = directory / f"step-{int(step):08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-", dir=directory))
+    if (final.exists() or final.is_symlink()) and not _is_ours(final):
+        raise FolderError(
+            f"{str(final)!r} exists and is not a checkpoint bora_pyro wrote; nothing in it was "
+            "changed. Move it out of the checkpoint folder, or pass another checkpoint_dir."
+        )
+    tmp = directory / f"{_TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
+    os.mkdir(tmp)
     try:
+        write_marker(tmp, _KIND, files=[_TENSORS, _META])
         save_file(tensors, tmp / _TENSORS)
-        (tmp / _META).write_text(json.dumps(meta, sort_keys=True))
-        for path in (tmp / _TENSORS, tmp / _META, tmp):
-            _fsync(path)
-        if final.exists():  # left by an abandoned continuation of an older checkpoint
-            os.replace(final, Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=directory)))
+        (tmp / _META).write_text(dumps_json(meta, sort_keys=True), encoding="utf-8")
+        for path in (tmp / _TENSORS, tmp / _META, tmp / MARKER, tmp):
+            fsync(path)
+        if final.exists():  # ours, left by an abandoned continuation of an older checkpoint
+            os.replace(final, directory / f"{_TMP_PREFIX}old-{secrets.token_hex(4)}")
         os.replace(tmp, final)
-        _fsync(directory)
+        fsync(directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            remove_owned(tmp, _KIND)
+        except OSError:
+            pass
         raise
     for entry in directory.iterdir():
         if entry != final and (entry.name.startswith(_TMP_PREFIX) or _STEP_DIR.fullmatch(entry.name)):
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_owned(entry, _KIND)
+    clear_trash(directory)
     return final
+
+
+def remove_checkpoints(directory: str | os.PathLike) -> None:
+    """Remove the checkpoints bora_pyro wrote in ``directory`` (and its temporary leftovers), then
+    the folder itself if nothing else is left in it; the user's files stay.
+
+    For a finished run whose checkpoints are no longer needed (e.g. a sweep's fit once its result
+    is saved).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name.startswith(_TMP_PREFIX) or _STEP_DIR.fullmatch(entry.name):
+            remove_owned(entry, _KIND)
+    clear_trash(directory)
+    if not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step in ``directory``, or ``None``.
 
     Temporary folders of an interrupted write (``.tmp-*``) are ignored, as is a step folder
-    without both files.
+    without both files or without the marker of a checkpoint bora_pyro wrote.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return None
     found = [
         (int(m.group(1)), entry) for entry in directory.iterdir()
-        if (m := _STEP_DIR.fullmatch(entry.name)) and (entry / _META).is_file() and (entry / _TENSORS).is_file()
+        if (m := _STEP_DIR.fullmatch(entry.name)) and _is_ours(entry)
+        and (entry / _META).is_file() and (entry / _TENSORS).is_file()
     ]
     return max(found)[1] if found else None
 
@@ -162,14 +211,19 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 "resume=None to start afresh."
             )
         path = latest
-    meta = json.loads((path / _META).read_text())
+    try:
+        meta = json.loads((path / _META).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path / _META} is not valid JSON ({err}); the checkpoint is damaged.") from None
+    if not isinstance(meta, dict):
+        meta = {}
     if meta.get("format") != _FORMAT or meta.get("format_version", 0) > _FORMAT_VERSION:
         raise ValueError(
             f"resume={str(path)!r} is not a bora_pyro checkpoint of format version <= {_FORMAT_VERSION} "
             f"(found format={meta.get('format')!r}, version={meta.get('format_version')!r}); "
             "upgrade bora_pyro or start afresh."
         )
-    state = _decode(meta["state"], load_file(path / _TENSORS))
+    state = restore_floats(_decode(meta["state"], load_file(path / _TENSORS)))
     return Checkpoint(path=path, step=int(meta["step"]), every=int(meta["every"]),
                       settings=meta["settings"], state=state)
 
@@ -280,7 +334,7 @@ def make_checkpointing(
             f"checkpoint_every must be a positive integer (steps between checkpoints), got "
             f"checkpoint_every={checkpoint_every!r}."
         )
-    settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    settings = json.loads(dumps_json(settings, sort_keys=True, default=str))
     resumed = None
     if resume is not None:
         resumed = load_checkpoint(resume)
@@ -379,12 +433,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file (or, on POSIX, a folder's entries) to disk, so a rename lands after the data."""
-    if path.is_dir() and os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _is_ours(folder: Path) -> bool:
+    marker = read_marker(folder)
+    return not folder.is_symlink() and marker is not None and marker["kind"] == _KIND

@@ -1,5 +1,7 @@
 """Checkpoints that survive a kill: atomic writes, exact resumption, refused mismatches."""
 
+import json
+import math
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import torch
 
 import bora_pyro
 from bora_pyro.data import build_corpus
+from bora_pyro.files import FolderError, write_marker
 from bora_pyro.inference import checkpoint as ckpt
 from bora_pyro.inference.fit import _endless_batches
 from bora_pyro.inference.loop import Stepper
@@ -138,19 +141,70 @@ def test_interrupted_write_leaves_the_last_complete_checkpoint(monkeypatch, tmp_
         _fit("map", checkpoint_dir=folder, checkpoint_every=5)
     monkeypatch.undo()
     assert [p.name for p in folder.iterdir()] == ["step-00000009"]
-    # What a kill during the write of step 14 leaves: a temporary folder with a partial
-    # tensors file and no checkpoint.json; and a step folder that never got its files.
+    # What a kill during the write of step 14 leaves: a temporary folder with its marker (written
+    # first), a partial tensors file and no checkpoint.json.
     partial = folder / ".tmp-step-00000014-abc123"
     partial.mkdir()
+    write_marker(partial, "checkpoint", files=["checkpoint.json", "state.safetensors"])
     data = (folder / "step-00000009" / "state.safetensors").read_bytes()
     (partial / "state.safetensors").write_bytes(data[: len(data) // 2])
-    (folder / "step-00000019").mkdir()
+    # The user's own entries, some with names like ours: never read as checkpoints, never removed.
+    user = {"step-00000017/notes.txt", "step-1/data.txt", ".tmp-cache/x.bin", "notes.md"}
+    for name in user:
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text("mine")
     assert ckpt.latest_checkpoint(folder).name == "step-00000009"
     assert ckpt.load_checkpoint(folder).step == 9
 
     resumed = _fit("map", resume=folder)
     _assert_same_fit(resumed, _reference("map"))
-    assert [p.name for p in folder.iterdir()] == [f"step-{STEPS - 1:08d}"]  # leftovers removed
+    left = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    final = f"step-{STEPS - 1:08d}"
+    assert left == user | {f"{final}/{name}" for name in (".bora_pyro", "checkpoint.json", "state.safetensors")}
+    ckpt.remove_checkpoints(folder)  # ours only: the folder stays, with the user's files
+    assert {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} == user
+    for name in user:
+        (folder / name).unlink()
+    ckpt.remove_checkpoints(folder)
+    assert {p.name for p in folder.iterdir()} == {"step-00000017", "step-1", ".tmp-cache"}  # empty, but theirs
+
+
+def test_a_foreign_folder_with_the_name_of_the_next_checkpoint_is_refused(tmp_path):
+    (tmp_path / "step-00000004").mkdir()
+    (tmp_path / "step-00000004" / "mine.txt").write_text("mine")
+    with pytest.raises(FolderError, match="step-00000004.*not a checkpoint bora_pyro wrote"):
+        ckpt.save_checkpoint(tmp_path, {"x": torch.ones(1)}, step=4, every=5, settings={})
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000004"]
+    assert (tmp_path / "step-00000004" / "mine.txt").read_text() == "mine"
+
+
+def _refuse_constant(name):
+    raise ValueError(f"bare {name} in a JSON file")
+
+
+def test_non_finite_numbers_are_strict_json_and_read_back(tmp_path):
+    state = {"loop": {"history": {"val_nll": [math.nan, 1.5], "tau": [[math.inf, 2.0]]},
+                      "best_value": math.inf}, "lr": [1e-3]}
+    path = ckpt.save_checkpoint(tmp_path, state, step=0, every=1, settings={"tau": math.inf})
+    text = (path / "checkpoint.json").read_text()
+    json.loads(text, parse_constant=_refuse_constant)
+    loaded = ckpt.load_checkpoint(tmp_path)
+    assert math.isnan(loaded.state["loop"]["history"]["val_nll"][0])
+    assert loaded.state["loop"]["history"]["val_nll"][1] == 1.5
+    assert loaded.state["loop"]["history"]["tau"] == [[math.inf, 2.0]]
+    assert loaded.state["loop"]["best_value"] == math.inf and loaded.state["lr"] == [1e-3]
+    # The settings compare equal to the same settings of a new call (a pooled fit's tau = inf).
+    planned = ckpt.make_checkpointing(None, None, tmp_path, steps=5, settings={"tau": math.inf})
+    assert planned.resume.step == 0
+
+
+def test_a_run_with_a_nan_validation_loss_checkpoints_strict_json(tmp_path):
+    # eval_every=7 leaves NaN in val_nll at the steps without evaluation.
+    _fit("map", max_steps=5, checkpoint_dir=tmp_path, checkpoint_every=5)
+    text = (ckpt.latest_checkpoint(tmp_path) / "checkpoint.json").read_text()
+    json.loads(text, parse_constant=_refuse_constant)
+    history = ckpt.load_checkpoint(tmp_path).state["loop"]["history"]
+    assert all(math.isnan(v) for v in history["val_nll"][:4])
 
 
 def test_failed_write_keeps_the_previous_checkpoint(monkeypatch, tmp_path):
