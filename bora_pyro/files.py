@@ -18,8 +18,8 @@ renames: the old folder becomes the backup ``.<name>.bora-old``, the new one tak
 the backup is deleted (renamed to ``.bora_pyro-trash-<hex>``, then emptied, its marker last). A
 process killed at any point leaves the old or the new content whole under the name or under the
 backup name; `find_folder` (used by readers such as `load_result`) looks there, and the next
-write restores or removes the leftovers. Only folders that carry the marker (or empty ones with
-bora_pyro's temporary names) are ever deleted (`remove_owned`), and the folder keeps the
+write restores or removes the leftovers. Only folders that carry the marker (or hold nothing but
+a marker being written, under bora_pyro's temporary names) are ever deleted (`remove_owned`), and the folder keeps the
 permissions of the one it replaces (the umask's for a new one).
 
 **JSON.** Python's ``json`` writes ``NaN`` and ``Infinity`` by default, which are not JSON (other
@@ -289,8 +289,13 @@ def clear_trash(folder: str | os.PathLike) -> None:
         return
     for entry in folder.iterdir():
         if entry.name.startswith(_TRASH) and entry.is_dir() and not entry.is_symlink():
-            if read_marker(entry) is not None or not any(entry.iterdir()):
+            if read_marker(entry) is not None or _holds_only_a_marker(entry):
                 _delete(entry)
+
+
+def _holds_only_a_marker(folder: Path) -> bool:
+    """Empty but for a marker, whole or being written: what a kill leaves just after ``mkdir``."""
+    return {entry.name for entry in folder.iterdir()} <= {MARKER, f"{MARKER}.tmp"}
 
 
 def _delete(folder: Path) -> None:
@@ -369,16 +374,16 @@ def _remove_leftovers(target: Path) -> None:
     clear_trash(target.parent)
     for entry in target.parent.iterdir():
         if entry.name.startswith(f".{target.name}{_NEW}") and entry.is_dir() and not entry.is_symlink():
-            if not remove_owned(entry) and not any(entry.iterdir()):
-                os.rmdir(entry)
+            if not remove_owned(entry) and _holds_only_a_marker(entry):
+                _delete(entry)
     if target.exists():
         remove_owned(_backup(target))
 
 
 def _discard(tmp: Path) -> None:
     try:
-        if not remove_owned(tmp) and tmp.is_dir() and not any(tmp.iterdir()):
-            os.rmdir(tmp)
+        if not remove_owned(tmp) and tmp.is_dir() and _holds_only_a_marker(tmp):
+            _delete(tmp)
     except OSError:
         pass
 
