@@ -48,7 +48,7 @@ from typing import Any
 __all__ = [
     "NON_FINITE", "encode_floats", "restore_floats", "dumps_json",
     "MARKER", "FOLDER_KINDS", "FolderError", "read_marker", "check_target", "replace_folder",
-    "find_folder", "own_folder", "claim_files", "remove_owned", "clear_trash", "write_marker", "fsync",
+    "find_folder", "own_folder", "claim_files", "remove_owned", "remove_leftover", "clear_trash", "write_marker", "fsync",
 ]
 
 #: How non-finite floats are spelled in bora_pyro's JSON files.
@@ -288,9 +288,23 @@ def clear_trash(folder: str | os.PathLike) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name.startswith(_TRASH) and entry.is_dir() and not entry.is_symlink():
-            if read_marker(entry) is not None or _holds_only_a_marker(entry):
-                _delete(entry)
+        if entry.name.startswith(_TRASH):
+            remove_leftover(entry)
+
+
+def remove_leftover(path: str | os.PathLike) -> bool:
+    """Delete a temporary folder that a killed write of bora_pyro left: one with the marker, or
+    one holding nothing but a marker being written (or nothing: killed just after ``mkdir``).
+
+    Call it only on names that bora_pyro gives its temporary folders. Returns whether it deleted.
+    """
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if read_marker(path) is None and not _holds_only_a_marker(path):
+        return False
+    _delete(path)
+    return True
 
 
 def _holds_only_a_marker(folder: Path) -> bool:
@@ -373,17 +387,15 @@ def _remove_leftovers(target: Path) -> None:
     the marker (or empty ones of the temporary names) are removed."""
     clear_trash(target.parent)
     for entry in target.parent.iterdir():
-        if entry.name.startswith(f".{target.name}{_NEW}") and entry.is_dir() and not entry.is_symlink():
-            if not remove_owned(entry) and _holds_only_a_marker(entry):
-                _delete(entry)
+        if entry.name.startswith(f".{target.name}{_NEW}"):
+            remove_leftover(entry)
     if target.exists():
         remove_owned(_backup(target))
 
 
 def _discard(tmp: Path) -> None:
     try:
-        if not remove_owned(tmp) and tmp.is_dir() and _holds_only_a_marker(tmp):
-            _delete(tmp)
+        remove_leftover(tmp)
     except OSError:
         pass
 

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import bora_pyro
 from bora_pyro.data import build_corpus
 from bora_pyro.export import export_peft, load_peft_adapter, safe_folder_names
+from bora_pyro.files import FolderError
 from bora_pyro.models.layout import AdapterLayout
 from bora_pyro.models.lora import MultiTaskLM
 from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, tiny_causal_lm
@@ -145,3 +146,24 @@ def test_fit_map_starts_from_init_adapter(corpus, tmp_path):
         _fit(corpus, init_adapter=torch.zeros(5))
     with pytest.raises(ValueError, match="init_adapter must be"):
         _fit(corpus, init_adapter=3)
+
+
+def test_export_writes_only_a_folder_it_owns(tmp_path):
+    result = tiny_result("llama")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "adapter_config.json").write_text("{}")  # the user's own adapter, say
+    with pytest.raises(FolderError, match="holds files bora_pyro did not write"):
+        export_peft(result, user, overwrite=True)
+    assert [p.name for p in user.iterdir()] == ["adapter_config.json"] and (user / "adapter_config.json").read_text() == "{}"
+    run = result.save(tmp_path / "run")
+    with pytest.raises(FolderError, match="holds a bora_pyro result, not a peft"):
+        export_peft(result, run, overwrite=True)
+
+    out = tmp_path / "export"
+    export_peft(result, out, tasks=["OPHELIA"])
+    with pytest.raises(FolderError, match=r"pass overwrite=True"):
+        result.export_peft(out)
+    paths = result.export_peft(out, include_global=False, overwrite=True)  # replaced whole
+    assert sorted(p.name for p in out.iterdir()) == sorted([".bora_pyro", "index.json", *(p.name for p in paths.values())])
+    json.loads((out / "index.json").read_text(), parse_constant=lambda name: pytest.fail(f"bare {name}"))

@@ -42,7 +42,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import (
-    MARKER, FolderError, clear_trash, dumps_json, fsync, read_marker, remove_owned, restore_floats, write_marker,
+    MARKER, FolderError, clear_trash, dumps_json, fsync, read_marker, remove_leftover, remove_owned, restore_floats,
+    write_marker,
 )
 
 __all__ = [
@@ -57,6 +58,8 @@ _META = "checkpoint.json"
 _TENSOR_KEY = "__tensor__"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _TMP_PREFIX = ".tmp-"
+#: The temporary folders this module makes (a user's ``.tmp-cache`` does not match).
+_TMP_DIR = re.compile(r"\.tmp-(step-\d+|old)-[0-9a-f]{8}")
 _KIND = "checkpoint"
 
 
@@ -128,7 +131,7 @@ def save_checkpoint(directory: str | os.PathLike, state: dict, *, step: int, eve
             f"{str(final)!r} exists and is not a checkpoint bora_pyro wrote; nothing in it was "
             "changed. Move it out of the checkpoint folder, or pass another checkpoint_dir."
         )
-    tmp = directory / f"{_TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
+    tmp = directory / f"{_TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"  # matches _TMP_DIR
     os.mkdir(tmp)
     try:
         write_marker(tmp, _KIND, files=[_TENSORS, _META])
@@ -142,14 +145,11 @@ def save_checkpoint(directory: str | os.PathLike, state: dict, *, step: int, eve
         fsync(directory)
     except BaseException:
         try:
-            remove_owned(tmp, _KIND)
+            remove_leftover(tmp)
         except OSError:
             pass
         raise
-    for entry in directory.iterdir():
-        if entry != final and (entry.name.startswith(_TMP_PREFIX) or _STEP_DIR.fullmatch(entry.name)):
-            remove_owned(entry, _KIND)
-    clear_trash(directory)
+    _remove_ours(directory, keep=final)
     return final
 
 
@@ -163,10 +163,7 @@ def remove_checkpoints(directory: str | os.PathLike) -> None:
     directory = Path(directory)
     if not directory.is_dir():
         return
-    for entry in directory.iterdir():
-        if entry.name.startswith(_TMP_PREFIX) or _STEP_DIR.fullmatch(entry.name):
-            remove_owned(entry, _KIND)
-    clear_trash(directory)
+    _remove_ours(directory)
     if not any(directory.iterdir()):
         directory.rmdir()
 
@@ -431,6 +428,18 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _remove_ours(directory: Path, keep: Path | None = None) -> None:
+    """Remove this module's checkpoints and temporary leftovers in ``directory`` (but ``keep``)."""
+    for entry in directory.iterdir():
+        if entry == keep:
+            continue
+        if _TMP_DIR.fullmatch(entry.name):
+            remove_leftover(entry)
+        elif _STEP_DIR.fullmatch(entry.name):
+            remove_owned(entry, _KIND)
+    clear_trash(directory)
 
 
 def _is_ours(folder: Path) -> bool:

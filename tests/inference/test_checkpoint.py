@@ -143,7 +143,7 @@ def test_interrupted_write_leaves_the_last_complete_checkpoint(monkeypatch, tmp_
     assert [p.name for p in folder.iterdir()] == ["step-00000009"]
     # What a kill during the write of step 14 leaves: a temporary folder with its marker (written
     # first), a partial tensors file and no checkpoint.json.
-    partial = folder / ".tmp-step-00000014-abc123"
+    partial = folder / ".tmp-step-00000014-0a1b2c3d"
     partial.mkdir()
     write_marker(partial, "checkpoint", files=["checkpoint.json", "state.safetensors"])
     data = (folder / "step-00000009" / "state.safetensors").read_bytes()
@@ -273,3 +273,32 @@ def test_checkpoint_arguments_are_checked(short_run, tmp_path):
         _fit("map", max_steps=5, checkpoint_dir=short_run)
     with pytest.raises(ValueError, match="holds no complete checkpoint"):
         _fit("map", max_steps=5, resume=tmp_path)
+
+
+def test_a_checkpoint_write_killed_at_any_operation_leaves_a_whole_one_and_the_users_files(tmp_path):
+    from tests.test_files import _run_killed_after, _tree
+
+    user = tmp_path / "step-1"
+    user.mkdir()
+    (user / "mine.txt").write_text("mine")
+    (tmp_path / ".tmp-cache").mkdir()
+    mine = _tree(tmp_path)
+
+    def save(step):
+        return ckpt.save_checkpoint(tmp_path, {"x": torch.full((3,), float(step))}, step=step, every=5, settings={})
+
+    save(4)
+    total = _run_killed_after(math.inf, lambda: save(9))
+    assert total > 5
+    seen = set()
+    for k in range(total + 1):
+        save(4)
+        _run_killed_after(k, lambda: save(9))
+        loaded = ckpt.load_checkpoint(tmp_path)
+        assert loaded.step in (4, 9) and torch.equal(loaded.state["x"], torch.full((3,), float(loaded.step))), k
+        seen.add(loaded.step)
+        save(14)  # the next write removes what the kill left, and only that
+        assert _tree(tmp_path) == {**mine, **{k: v for k, v in _tree(tmp_path).items() if k.startswith("step-00000014")}}, k
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-cache", "step-00000014", "step-1"], k
+        ckpt.remove_checkpoints(tmp_path)
+    assert seen == {4, 9}

@@ -63,7 +63,7 @@ def test_history_and_result_fields(learned):
 def test_save_then_load_reproduces_evaluate_exactly(learned, tmp_path):
     path = learned.save(tmp_path / "run")
     assert sorted(p.name for p in path.iterdir()) == [
-        "adapters.safetensors", "config.json", "corpus.json", "corpus.safetensors", "history.json"]
+        ".bora_pyro", "adapters.safetensors", "config.json", "corpus.json", "corpus.safetensors", "history.json"]
     with pytest.raises(ValueError, match="model object"):
         bora_pyro.load_result(path)
     loaded = bora_pyro.load_result(path, model=learned.lm.base_model, tokenizer=learned.tokenizer)
