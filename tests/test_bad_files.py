@@ -98,7 +98,7 @@ def test_a_broken_json_file_is_named(saved, file):
     (lambda m: m.update(format_version=99), r"field 'format_version' is 99.*upgrade bora_pyro"),
     (lambda m: m["config"].pop("rank"), r"field 'config' lacks \['rank'\]"),
     (lambda m: m["config"].update(rnak=4),
-     r"field 'config': unknown BoraConfig field\(s\) \['rnak'\]; the valid fields are \['rank', 'alpha'"),
+     r"field 'config': Unknown model setting\(s\) \['rnak'\] for BoraConfig; valid: \['alpha'"),
     (lambda m: m["config"].update(rank=2), r"field 'layout' has rank 4, alpha 8, but field 'config' has rank 2"),
     (lambda m: m["config"].update(precision_groups="shared"), r"field 'tau_groups' is \['A', 'B'\], but precision_groups='shared'"),
     (lambda m: m.update(tau_groups=["A", "B", "C"]), r"field 'tau_groups' is \['A', 'B', 'C'\]"),
@@ -120,7 +120,7 @@ def test_config_from_dict_lists_unknown_and_valid_keys():
     config = BoraConfig(rank=4, tau=float("inf"))
     assert BoraConfig.from_dict(config.to_dict()) == config
     assert BoraConfig.from_dict({"rank": 2}).rank == 2  # missing fields take their defaults
-    with pytest.raises(ValueError, match=r"unknown BoraConfig field\(s\) \['rnak', 'zeta'\]; the valid fields are \['rank'"):
+    with pytest.raises(ValueError, match=r"Unknown model setting\(s\) \['rnak', 'zeta'\] for BoraConfig; valid: \['alpha'"):
         BoraConfig.from_dict({"rnak": 4, "zeta": 1, "alpha": 2})
-    with pytest.raises(ValueError, match="needs a dict of fields, got list"):
+    with pytest.raises(ValueError, match="needs a dict, got list"):
         BoraConfig.from_dict([("rank", 4)])
