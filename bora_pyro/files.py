@@ -117,7 +117,10 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
 def check_target(
     path: str | os.PathLike, kind: str, *, overwrite: bool = False, protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Check that a writer of ``kind`` may write the folder ``path``; change nothing in it.
+    """Check that a writer of ``kind`` may write the folder ``path``, before anything is written.
+
+    Nothing in ``path`` is changed; the one thing done is to put back an earlier folder that a
+    write killed in the middle of its swap left under the backup name (see the module docstring).
 
     Parameters
     ----------
