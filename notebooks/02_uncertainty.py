@@ -126,29 +126,52 @@ post.posterior_summary().sort_values("n_train", ascending=False).reset_index(dro
 # %% [markdown]
 # ## arviz
 #
-# `bora_pyro.to_inference_data(post)` returns an `arviz.InferenceData` with `task` as a named
-# dimension. Its `posterior` group holds, per draw of the task adapters from the posterior, each
-# task's `distance` and `relative_distance` to the global adapter, and the same at the posterior
-# mean (`..._at_mean`). `tau` (an empirical-Bayes point estimate) and `shrinkage` (the share of a
-# task's posterior precision that comes from the prior: 0 = its own data decide, 1 = fully pooled)
-# are single values repeated along the draws, so their sd in `az.summary` is zero by construction.
+# `bora_pyro.to_inference_data(post)` returns an `arviz.InferenceData` made of groups of arviz's
+# own schema, with `task` as a named dimension:
 #
-# `predictive_samples=0` evaluates the held-out fit at the posterior mean only; the
-# posterior-predictive perplexity with intervals is computed once, with `evaluate`, further down.
+# - `posterior`: each task's `distance` and `relative_distance` to the global adapter, one value
+#   per posterior draw of the task adapters;
+# - `log_likelihood`: the held-out log-likelihood of every test speech (`documents`, dims
+#   `chain, draw, doc`) under the first `predictive_samples` of those draws;
+# - `constant_data`: what does not vary over the draws: `tau` per precision group (an
+#   empirical-Bayes point estimate), `shrinkage` per task (the share of the task's posterior
+#   precision that comes from the prior: 0 = its own data decide, 1 = fully pooled), the distances
+#   at the posterior mean, and the training and test sizes.
 
 # %%
 import arviz as az
 
 k = SETTINGS["eval_docs_per_task"]
-idata = bora_pyro.to_inference_data(post, max_docs_per_task=k, predictive_samples=0)
-print("constant along the draws:", idata.posterior.attrs["constant_along_draw"])
+S = SETTINGS["num_samples"]
+idata = bora_pyro.to_inference_data(post, max_docs_per_task=k, num_samples=max(100, S), predictive_samples=S)
 idata
 
 # %%
-az.summary(
-    idata, var_names=["tau", "shrinkage", "relative_distance_at_mean", "relative_distance"],
-    kind="stats", hdi_prob=0.95,
+print("tau:", idata.constant_data["tau"].to_series().to_dict())
+idata.constant_data[["n_train_docs", "shrinkage", "point_relative_distance"]].to_dataframe().sort_values("n_train_docs")
+
+# %%
+az.summary(idata, var_names=["relative_distance"], kind="stats", hdi_prob=0.95)
+
+# %% [markdown]
+# ## Ranking fits the arviz way: `az.loo` and `az.compare`
+#
+# The test speeches are held out, so `az.loo` on the `log_likelihood` group estimates the held-out
+# expected log predictive density (elpd) of the posterior, and `az.compare` ranks fits evaluated on
+# the same speeches. Here BoRA's posterior is compared with independent adapters (tau = 0), fitted
+# by SVI from the same MAP start. Both need posterior draws: a MAP result is a single point.
+
+# %%
+independent = bora_pyro.fit_svi(
+    None, init=map_result, tau=0.0,
+    max_steps=SETTINGS["svi_steps"], lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"],
+    eval_every=SETTINGS["eval_every"], max_eval_docs_per_task=SETTINGS["max_eval_docs_per_task"],
+    seed=0,
 )
+idata_independent = bora_pyro.to_inference_data(
+    independent, max_docs_per_task=k, num_samples=max(100, S), predictive_samples=S)
+print(az.loo(idata))
+az.compare({"BoRA": idata, "tau=0": idata_independent})
 
 # %% [markdown]
 # ## Forest plot: distance to the global adapter, per posterior draw

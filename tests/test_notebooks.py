@@ -129,7 +129,11 @@ def test_uncertainty_runs(tmp_path):
     svi = _text(_outputs(nb, containing="fit_svi("))
     assert "method='svi'" in svi and "mean_sd" in svi
     summary = _text(_outputs(nb, containing="az.summary("))
-    assert f"shrinkage[{FIRST_TASK}]" in summary and "tau[A]" in summary
+    assert f"relative_distance[{FIRST_TASK}]" in summary
+    constants = _text(_outputs(nb, containing="idata.constant_data["))
+    assert "tau: {'A'" in constants and "shrinkage" in constants and FIRST_TASK in constants
+    ranking = _text(_outputs(nb, containing="az.compare("))
+    assert "elpd_loo" in ranking and "BoRA" in ranking and "tau=0" in ranking
     assert _has_figure(_outputs(nb, containing="az.plot_forest("))
     intervals = _text(_outputs(nb, containing="num_samples=SETTINGS"))
     for needle in (FIRST_TASK, "perplexity_low", "perplexity_high", "MAP perplexity"):
