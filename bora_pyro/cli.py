@@ -121,9 +121,9 @@ def _describe_tau(tau: dict) -> str:
 
 
 def _save(result, out: str, overwrite: bool) -> Path:
-    """``result.save(out)``, asking it to replace an earlier result only with ``--overwrite``
-    (so that the call also works with a `BoraResult.save` that has no ``overwrite=``)."""
-    return result.save(out, overwrite=True) if overwrite else result.save(out)
+    """``result.save(out, overwrite=...)``: an earlier result there is replaced only with
+    ``--overwrite``, and a folder of the user's is never touched (`bora_pyro.files`)."""
+    return result.save(out, overwrite=overwrite)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -132,7 +132,8 @@ def _save(result, out: str, overwrite: bool) -> Path:
 def cmd_demo(args: argparse.Namespace) -> int:
     _check_model(args.model)
     if args.out:
-        _check_out(args.out)
+        local_model = args.model if args.model and Path(args.model).expanduser().exists() else None
+        _check_out(args.out, overwrite=args.overwrite, protect=[local_model])
     eval_docs = checks.optional_positive_int("--eval-docs", args.eval_docs, none_means="all test speeches")
     overrides = {**{k: getattr(args, k) for k in DEMO}, **given(args)}
     from .data import DEFAULT_CHARACTERS, load_shakespeare
@@ -174,16 +175,23 @@ def _model(args: argparse.Namespace) -> dict[str, Any]:
     return {} if args.model is None else {"model": args.model}
 
 
-def _check_out(out: str) -> None:
+def _check_out(out: str, *, overwrite: bool, protect: Sequence[str | None] = ()) -> None:
+    """Refuse ``--out`` before any model is loaded when the result could not be saved there: a
+    file, a folder of the user's, the working directory, a folder holding the data or the model,
+    or an earlier result without ``--overwrite`` (`bora_pyro.files.check_target`)."""
+    from .files import check_target
+
     if Path(out).exists() and not Path(out).is_dir():
         raise FileExistsError(f"--out {out!r} is a file; give a folder for the result.")
+    check_target(out, "result", overwrite=overwrite, protect=[p for p in protect if p])
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     _check_file(args.data, "data file")
     _check_model(args.model)
     if args.out:
-        _check_out(args.out)
+        local_model = args.model if args.model and Path(args.model).expanduser().exists() else None
+        _check_out(args.out, overwrite=args.overwrite, protect=[args.data, local_model])
     overrides = given(args)
     other = _MAP_ONLY if args.method == "svi" else _SVI_ONLY
     wrong = [k for k in other if k in overrides]

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -466,7 +465,9 @@ def run_sweep(
     import pandas as pd
 
     from .data import build_corpus, load_shakespeare
+    from .files import claim_files, own_folder
     from .inference import fit_map
+    from .inference.checkpoint import remove_checkpoints
     from .models.base import load_base_model
     from .result import load_result
     from .runtime import resolve_device
@@ -481,8 +482,9 @@ def run_sweep(
     labels = [tau_label(t) for t in config.taus]
     progress = config.train.progress
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # the sweep's folder grows in place (a stopped sweep continues): bora_pyro marks it and
+    # refuses a folder of the user's, or one holding the data
+    out = own_folder(out, "sweep", protect=[data] if isinstance(data, (str, os.PathLike)) else [])
     state_path = out / _STATE
     settings = config.settings()
     settings["model"] = model if isinstance(model, (str, os.PathLike)) else "<object>"
@@ -556,8 +558,9 @@ def run_sweep(
             result.model_spec = spec
             test = result.evaluate("test", **eval_kwargs)
             val = result.evaluate("validation", **val_kwargs)
-            result.save(fit_dir)
+            result.save(fit_dir, overwrite=True)  # a fit of this sweep killed before its state was saved
             test.to_csv(fit_dir / "test.csv", index=False)
+            claim_files(fit_dir, ["test.csv"])
             done = {
                 "test_perplexity": float(test.attrs["overall_perplexity"]),
                 "validation_perplexity": float(val.attrs["overall_perplexity"]),
@@ -568,7 +571,7 @@ def run_sweep(
             }
             state["fits"][label] = done
             save_state()
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            remove_checkpoints(ckpt_dir)
             tables[label] = test
         distances[label] = _relative_distances(result.task_adapters, result.global_adapter)
 

@@ -147,6 +147,10 @@ def test_unknown_options_and_bad_values_are_refused_by_the_parser(data_file, cap
     (["sweep", "--out", "{tmp}/s", "--data", "{tmp}/none.csv"], "bora sweep: error: --data file '{tmp}/none.csv': not found."),
     (["sweep", "--out", "{tmp}/s", "--taus", "1", "1"], "bora sweep: error: taus=[1.0, 1.0] must be a non-empty list without repeats."),
     (["demo", "--eval-docs", "0"], "bora demo: error: --eval-docs must be a positive integer or None"),
+    # the user's folders are theirs: a result is never written over the data or into the cwd
+    (["fit", "{data}", "--out", "{tmp}"], "bora fit: error: '{tmp}' contains '{data}', an input of this run"),
+    (["fit", "{data}", "--out", "."], "bora fit: error: '.' is the working directory"),
+    (["sweep", "--out", "{tmp}", "--data", "{data}", "--taus", "0"], "bora sweep: error: '{tmp}' contains '{data}'"),
 ])
 def test_errors_at_the_door_are_one_line_with_exit_code_2_and_load_no_model(
         argv, message, no_model, data_file, tmp_path, capsys):
