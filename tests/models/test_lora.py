@@ -126,8 +126,8 @@ def test_sequence_nll_matches_hf_loss():
 
 def test_rewrapping_replaces_wrappers_and_unwrap_restores():
     base = tiny_causal_lm("llama")
-    MultiTaskLM(base, rank=2)
-    lm = MultiTaskLM(base, rank=4)
+    MultiTaskLM(base, rank=2, alpha=16.0)
+    lm = MultiTaskLM(base, rank=4, alpha=16.0)
     wrappers = [m for m in base.modules() if isinstance(m, MultiTaskLoRALinear)]
     assert len(wrappers) == 14 and all(w.rank == 4 for w in wrappers)
     lm.unwrap()
@@ -135,7 +135,7 @@ def test_rewrapping_replaces_wrappers_and_unwrap_restores():
 
 
 def test_bad_adapter_width_is_a_clear_error():
-    lm = MultiTaskLM(tiny_causal_lm("llama"), rank=2)
+    lm = MultiTaskLM(tiny_causal_lm("llama"), rank=2, alpha=16.0)
     with pytest.raises(ValueError, match="P="):
         lm(torch.randint(4, 100, (1, 4)), adapters=torch.zeros(5))
 
