@@ -24,8 +24,8 @@ from typing import Any, ClassVar, Sequence
 from . import checks
 
 __all__ = [
-    "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "parse_tau",
-    "PRECISION_GROUPINGS", "PARAMETERIZATIONS", "LR_SCHEDULES", "AUTOCAST_CHOICES",
+    "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "parse_tau", "parse_report_to",
+    "PRECISION_GROUPINGS", "PARAMETERIZATIONS", "LR_SCHEDULES", "AUTOCAST_CHOICES", "REPORT_TO_CHOICES",
 ]
 
 #: How parameters may share a precision: one tau for all, one for all A and one for all B, or
@@ -37,6 +37,8 @@ PARAMETERIZATIONS = ("offset", "centered")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 #: Names accepted by ``autocast=`` (see `bora_pyro.runtime.autocast_dtype`).
 AUTOCAST_CHOICES = ("bf16", "fp16")
+#: Experiment trackers accepted by ``report_to=`` (transformers' names; see `bora_pyro.tracking`).
+REPORT_TO_CHOICES = ("tensorboard", "mlflow", "wandb")
 
 
 def parse_tau(tau: Any) -> float | str | dict[str, float]:
@@ -320,6 +322,11 @@ class TrainConfig(_Settings):
         Atomic checkpoints every ``checkpoint_every`` steps (``None``: 10 per run) in
         ``checkpoint_dir``, and the checkpoint folder of an interrupted run to continue from
         (it then ends exactly where an uninterrupted run would).
+    report_to, report_dir, run_name
+        Experiment trackers to log the run to (transformers' names: ``"tensorboard"``,
+        ``"mlflow"``, ``"wandb"``, a list of them, or ``None``), the local folder they write
+        to, and the run's name (default: the method and the start time, e.g.
+        ``map-20250101-120000``); see `bora_pyro.tracking`.
     """
 
     kind: ClassVar[str] = "training setting"
@@ -361,6 +368,14 @@ class TrainConfig(_Settings):
         default=None, metadata=_help("steps between checkpoints (default: 10 per run)"))
     resume: str | None = field(
         default=None, metadata=_help("continue an interrupted run from its checkpoint folder", metavar="DIR"))
+    report_to: Sequence[str] | None = field(
+        default=None, metadata=_help("log the run to these experiment trackers ('none': no tracking)",
+                                     choices=REPORT_TO_CHOICES + ("none",)))
+    report_dir: str = field(
+        default="runs", metadata=_help("folder of the trackers' local files (TensorBoard events, MLflow "
+                                       "file store, W&B offline runs)", metavar="DIR"))
+    run_name: str | None = field(
+        default=None, metadata=_help("name of the tracked run (default: the method and the start time)"))
 
     def __post_init__(self) -> None:
         self.max_steps = checks.optional_positive_int("max_steps", self.max_steps, none_means="use epochs")
@@ -397,6 +412,12 @@ class TrainConfig(_Settings):
                 setattr(self, name, os.fspath(value))
         self.checkpoint_every = checks.optional_positive_int(
             "checkpoint_every", self.checkpoint_every, none_means="10 per run")
+        self.report_to = parse_report_to(self.report_to)
+        self.report_dir = os.fspath(self.report_dir)
+        if not self.report_dir:
+            raise ValueError("report_dir must be a folder name, got ''; the default is 'runs'.")
+        if self.run_name is not None and (not isinstance(self.run_name, str) or not self.run_name.strip()):
+            raise ValueError(f"run_name must be a non-empty string or None (the method and the time), got {self.run_name!r}.")
 
     def total_steps(self, num_train_docs: int) -> int:
         """Optimiser steps of the run: ``max_steps``, else ``epochs`` (default 3) full passes of
@@ -404,6 +425,26 @@ class TrainConfig(_Settings):
         if self.max_steps is not None:
             return self.max_steps
         return max(1, math.ceil((self.epochs or 3.0) * (num_train_docs // self.batch_size)))
+
+
+def parse_report_to(value: Any) -> list[str] | None:
+    """``report_to`` as ``None`` or a list of distinct tracker names (a single name, ``"none"``
+    and ``["none"]`` accepted, as in transformers)."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)):
+        raise ValueError(
+            f"report_to must be a tracker name, a list of them or None, got {type(value).__name__} {value!r}; "
+            f"choose from {', '.join(map(repr, REPORT_TO_CHOICES))}."
+        )
+    names = [checks.choice("report_to", n.lower() if isinstance(n, str) else n, REPORT_TO_CHOICES + ("none",))
+             for n in names]
+    if "none" in names:
+        if len(names) > 1:
+            raise ValueError(f"report_to={value!r} mixes 'none' with trackers; give one or the other.")
+        return None
+    return list(dict.fromkeys(names)) or None
 
 
 @dataclass(frozen=True)

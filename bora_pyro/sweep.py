@@ -51,7 +51,7 @@ _SET_BY_SWEEP = {
     "resume": "the sweep resumes an interrupted fit from out/checkpoints/ by itself",
 }
 #: Where and how a sweep runs, not what it fits: not compared when a sweep folder is continued.
-_RUNTIME = ("device", "progress", "checkpoint_every")
+_RUNTIME = ("device", "progress", "checkpoint_every", "report_to", "report_dir", "run_name")
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -455,7 +455,9 @@ def run_sweep(
         Replace settings of the configuration (`SweepConfig.with_overrides`): its own
         (``taus=(0, 1e3, float("inf"))``, ``characters=``, ``eval_docs_per_task=``) or any
         field of its data, model or training config (``max_steps=20``, ``rank=4``,
-        ``device="cpu"``, ``autocast="bf16"``, ``progress=False``).
+        ``device="cpu"``, ``autocast="bf16"``, ``progress=False``). With ``report_to=`` (see
+        `bora_pyro.tracking`) every fit is one tracked run, named
+        ``<run_name or "sweep-" + config name>-tau=<label>``.
 
     Returns
     -------
@@ -524,6 +526,8 @@ def run_sweep(
     # model and training settings as flat keywords (the data settings shaped the corpus)
     fit_kwargs = {**_changed(config.model), **_changed(config.train), "model": base,
                   "tokenizer": tokenizer, "device": device}
+    # one tracked run per fit (with report_to): "<run_name or sweep-<name>>-tau=<label>"
+    run_prefix = config.train.run_name or f"sweep-{config.name}"
     eval_kwargs = dict(max_docs_per_task=config.eval_docs_per_task, seed=config.train.seed, progress=progress)
     val_kwargs = dict(max_docs_per_task=config.eval_docs_per_task or config.train.max_eval_docs_per_task,
                       seed=config.train.seed, progress=progress)
@@ -552,7 +556,8 @@ def run_sweep(
             t0 = time.perf_counter()
             resume = ckpt_dir if any(ckpt_dir.glob("step-*")) else None
             result = fit_map(
-                corpus, tau=_parse_label(label), checkpoint_dir=ckpt_dir, resume=resume, **fit_kwargs
+                corpus, tau=_parse_label(label), checkpoint_dir=ckpt_dir, resume=resume,
+                **{**fit_kwargs, "run_name": f"{run_prefix}-tau={label}"},
             )
             seconds = time.perf_counter() - t0
             result.model_spec = spec

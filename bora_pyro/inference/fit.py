@@ -21,6 +21,7 @@ from ..models.builder import build_bora
 from ..models.lora import MultiTaskLM
 from ..result import BoraResult
 from ..runtime import autocast_dtype, resolve_device
+from ..tracking import Trackers, default_run_name, log_fit_end, make_trackers, require_trackers
 from .checkpoint import Checkpointing, make_checkpointing
 from .loop import FitState
 from .map import optimise_map
@@ -29,7 +30,7 @@ from .svi import optimise_svi
 __all__ = ["fit_map", "fit_svi"]
 
 #: Training settings that steer a run but not its result: left out of ``fit_args``.
-_RUN_CONTROL = ("progress", "checkpoint_dir", "checkpoint_every", "resume")
+_RUN_CONTROL = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "report_to", "report_dir", "run_name")
 #: Model settings that fix the adapter layout: `fit_svi` takes them from its ``init`` result.
 _LAYOUT_FIELDS = ("rank", "alpha", "target_modules", "precision_groups")
 
@@ -105,13 +106,15 @@ def fit_map(
         the learning rate and what to try.
     """
     settings = _settings(data, data_config, config, train, overrides)
+    require_trackers(settings.train.report_to)  # a missing tracker package fails before any loading
     run = _prepare(data, settings, model=model, tokenizer=tokenizer, init_adapter=init_adapter)
     fit_args = run.record("map")
-    state = optimise_map(
-        run.bora, run.batches(), settings.train, init_global=run.init_global, validate=run.validate,
-        checkpointing=_checkpointing(run, fit_args),
-    )
-    return run.result(state, fit_args)
+    with run.trackers("map") as trackers:
+        state = optimise_map(
+            run.bora, run.batches(), settings.train, init_global=run.init_global, validate=run.validate,
+            checkpointing=_checkpointing(run, fit_args), on_step=trackers.log_metrics if trackers else None,
+        )
+        return run.finish(state, fit_args, trackers)
 
 
 def fit_svi(
@@ -174,6 +177,7 @@ def fit_svi(
             raise ValueError("data=None is only allowed with init=<a fit_map result> (its corpus is reused).")
         data = init.corpus
     settings = _settings(data, data_config, config, train, overrides)
+    require_trackers(settings.train.report_to)
     reuse = None
     if init is not None:
         if init_adapter is not None:
@@ -200,11 +204,13 @@ def fit_svi(
             if torch.isfinite(values).all() and (values > 0).all():
                 init_tau = values
     fit_args = run.record("svi", init="fit_map result" if init is not None else None)
-    state = optimise_svi(
-        run.bora, run.batches(), settings.train, init_global=init_global, init_tasks=init_tasks,
-        init_tau=init_tau, validate=run.validate, checkpointing=_checkpointing(run, fit_args),
-    )
-    return run.result(state, fit_args)
+    with run.trackers("svi") as trackers:
+        state = optimise_svi(
+            run.bora, run.batches(), settings.train, init_global=init_global, init_tasks=init_tasks,
+            init_tau=init_tau, validate=run.validate, checkpointing=_checkpointing(run, fit_args),
+            on_step=trackers.log_metrics if trackers else None,
+        )
+        return run.finish(state, fit_args, trackers)
 
 
 def _settings(
@@ -285,7 +291,7 @@ class _Run:
     spec: str
     init_global: torch.Tensor
     steps: int
-    validate: Callable[[torch.Tensor], float] | None
+    validate: Callable[[torch.Tensor], tuple[float, dict[str, float]]] | None
 
     def batches(self) -> _EndlessBatches:
         return _endless_batches(self.train, self.settings.train.batch_size, self.settings.train.seed)
@@ -295,6 +301,29 @@ class _Run:
         ``config``), without the run controls of `_RUN_CONTROL`, and ``method``, ``steps``."""
         train = {k: v for k, v in self.settings.train.to_dict().items() if k not in _RUN_CONTROL}
         return {"method": method, "steps": self.steps, **self.data_record, **train, **extra}
+
+    def trackers(self, method: str) -> Trackers:
+        """The experiment trackers of ``train.report_to`` (none: an empty `Trackers`), with the
+        settings logged (the data settings the corpus was built with); closing them (a ``with``
+        block) ends the run."""
+        train = self.settings.train
+        trackers = make_trackers(train.report_to, report_dir=train.report_dir,
+                                 run_name=train.run_name or default_run_name(method), resume=train.resume is not None)
+        try:
+            trackers.log_params({**self.settings.to_dict(), "data": self.data_record, "run": {
+                "method": method, "model": self.spec, "tasks": self.corpus.num_tasks,
+                "adapter_size": self.lm.num_params, "train_docs": len(self.train), "steps": self.steps}})
+        except BaseException:
+            trackers.close(success=False)
+            raise
+        return trackers
+
+    def finish(self, state: FitState, fit_args: dict, trackers: Trackers) -> BoraResult:
+        """The result, with its history and per-task validation table logged to ``trackers``."""
+        result = self.result(state, fit_args)
+        train = self.settings.train
+        log_fit_end(trackers, result, max_docs_per_task=train.max_eval_docs_per_task, seed=train.seed)
+        return result
 
     def result(self, state: FitState, fit_args: dict) -> BoraResult:
         fit_args = dict(fit_args, best_step=state.best_step, stopped_early=state.stopped_early)
@@ -361,12 +390,13 @@ def _prepare(
         validation = validation.subset(train.max_eval_docs_per_task, seed=train.seed)
     validate = None
     if len(validation):
-        def validate(task_adapters: torch.Tensor) -> float:
+        def validate(task_adapters: torch.Tensor) -> tuple[float, dict[str, float]]:
             nll, tokens, _ = per_task_nll(
                 lm, task_adapters, validation, num_tasks=corpus.num_tasks,
                 batch_size=2 * train.batch_size, device=device, autocast_dtype=amp_dtype,
             )
-            return float(nll.sum() / max(1, tokens.sum()))
+            per_task = {t: float(n / k) for t, n, k in zip(corpus.tasks, nll, tokens) if k > 0}
+            return float(nll.sum() / max(1, tokens.sum())), per_task
 
     return _Run(settings, corpus, data_record, split, lm, bora, tokenizer, spec, init_global,
                 train.total_steps(N), validate)

@@ -301,8 +301,9 @@ def run_steps(
     stepper: Stepper,
     batches: Iterator,
     *,
-    validate: Callable[[torch.Tensor], float] | None = None,
+    validate: Callable[[torch.Tensor], float | tuple[float, dict[str, float]]] | None = None,
     checkpointing: Checkpointing | None = None,
+    on_step: Callable[[dict[str, float], int], None] | None = None,
 ) -> FitState:
     """Run ``stepper.steps`` optimiser steps of ``stepper`` on ``batches``, validating and keeping
     the best state; the settings come from ``stepper.train`` (a `TrainConfig`).
@@ -310,7 +311,14 @@ def run_steps(
     ``validate(task_adapters [D, P]) -> NLL per token`` runs every ``train.eval_every`` steps
     (``None``: a tenth of the run) and at the end; the state with the lowest value is returned,
     and the run stops early after ``train.patience`` evaluations in a row that do not improve
-    on the best one (``None``: never).
+    on the best one (``None``: never). ``validate`` may also return ``(nll, {task: nll})``, the
+    NLL per token overall and per task; the overall value is the one compared.
+
+    ``on_step(metrics, step)`` (e.g. `bora_pyro.tracking.Trackers.log_metrics`) is called after
+    every step with the values read for the history, so it adds no host synchronisation:
+    ``loss``, ``train_nll``, ``lr``, ``step_seconds`` and ``tau/<group>``; after a validation
+    also ``val_nll`` and ``val_perplexity``, and ``val_perplexity_per_task/<task>`` when
+    ``validate`` gives per-task values. Non-finite values (a tau of ``inf``) are left out.
 
     A non-finite loss or gradient stops the run with a `FloatingPointError` that names the step
     and the learning rate; it is checked on the values read for the history, so it costs no
@@ -357,9 +365,12 @@ def run_steps(
         history["loss"].append(loss / model.num_docs)
         history["train_nll"].append(train_nll)
         history["tau"].append(stepper.tau.tolist())
-        val = math.nan
+        val, val_per_task = math.nan, {}
         if validate is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
-            val = float(validate(stepper.point()[0]))
+            val = validate(stepper.point()[0])
+            if isinstance(val, tuple):
+                val, val_per_task = val
+            val = float(val)
             if val < best_value:
                 best_value, best_state, best_step = val, stepper.snapshot(), step
                 bad_evals = 0
@@ -367,6 +378,8 @@ def run_steps(
                 bad_evals += 1
                 stopped_early = train.patience is not None and bad_evals >= train.patience
         history["val_nll"].append(val)
+        if on_step is not None:
+            on_step(_step_metrics(history, model.group_names, stepper.last_lr, val_per_task), step)
         postfix = {"nll/tok": f"{train_nll:.3f}"}
         if best_state is not None:
             postfix["best val ppl"] = f"{math.exp(best_value):.2f}"
@@ -395,6 +408,22 @@ def run_steps(
         best_step=best_step,
         stopped_early=stopped_early,
     )
+
+
+def _step_metrics(history: dict[str, list], groups: list[str], lr: float,
+                  val_per_task: dict[str, float]) -> dict[str, float]:
+    """The last step of ``history`` as ``{name: value}`` for `run_steps`' ``on_step``: finite
+    values only, validation perplexities as ``exp(NLL per token)``."""
+    metrics = {"loss": history["loss"][-1], "train_nll": history["train_nll"][-1], "lr": lr,
+               "step_seconds": history["seconds"][-1]}
+    metrics.update({f"tau/{g}": t for g, t in zip(groups, history["tau"][-1])})
+    val = history["val_nll"][-1]
+    if not math.isnan(val):
+        perplexity = {"val_perplexity": val,
+                      **{f"val_perplexity_per_task/{t}": v for t, v in val_per_task.items()}}
+        metrics["val_nll"] = val
+        metrics.update({k: math.exp(v) if v < 700 else math.inf for k, v in perplexity.items()})
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
 def _divergence_message(stepper: Stepper, step: int, loss: float, checkpointing: Checkpointing | None) -> str:

@@ -170,6 +170,7 @@ def optimise_map(
     init_global: torch.Tensor,
     validate: Callable[[torch.Tensor], float] | None = None,
     checkpointing: Checkpointing | None = None,
+    on_step: Callable[[dict[str, float], int], None] | None = None,
 ) -> FitState:
     """Maximise the posterior density of the adapters (and, if learned, the evidence for tau).
 
@@ -191,6 +192,8 @@ def optimise_map(
         steps and at the end; the best state is kept.
     checkpointing
         Periodic checkpoints and the one to resume from (see `run_steps`).
+    on_step
+        ``on_step(metrics, step)`` after every step (see `run_steps`; e.g. experiment trackers).
     """
     stepper = MAPStepper(model, train, init_global=init_global)
-    return run_steps(stepper, batches, validate=validate, checkpointing=checkpointing)
+    return run_steps(stepper, batches, validate=validate, checkpointing=checkpointing, on_step=on_step)

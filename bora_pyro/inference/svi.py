@@ -230,13 +230,14 @@ def optimise_svi(
     init_tau: torch.Tensor | None = None,
     validate: Callable[[torch.Tensor], float] | None = None,
     checkpointing: Checkpointing | None = None,
+    on_step: Callable[[dict[str, float], int], None] | None = None,
 ) -> FitState:
     """Maximise the ELBO of the mean-field guide (and, if learned, the ELBO in tau).
 
-    Parameters are those of `optimise_map`, plus ``init_tasks`` (``[D, P]`` initial locations,
+    Parameters are those of `optimise_map` (``on_step`` included), plus ``init_tasks`` (``[D, P]`` initial locations,
     e.g. a MAP fit's task adapters; default: ``init_global`` for every task) and ``init_tau``
     (``[G]`` starting value of a learned tau); ``train`` also gives ``num_particles`` and
     ``init_scale`` (see `SVIStepper`). ``validate`` is called with the posterior means.
     """
     stepper = SVIStepper(model, train, init_global=init_global, init_tasks=init_tasks, init_tau=init_tau)
-    return run_steps(stepper, batches, validate=validate, checkpointing=checkpointing)
+    return run_steps(stepper, batches, validate=validate, checkpointing=checkpointing, on_step=on_step)
