@@ -133,6 +133,12 @@ class DataConfig(_Settings):
     prompt_column, completion_column
         Instead of ``text_column``: a prompt and a completion per document; only the completion
         tokens are scored.
+    messages_column
+        Instead of ``text_column``: a conversation per document, a list of ``{"role",
+        "content"}`` turns (TRL's ``messages`` format), rendered with the tokenizer's chat
+        template; only the assistant's tokens are scored (see `bora_pyro.data.chat`). ``None``:
+        a column named ``messages`` is used when the data has one, has no ``text_column`` and
+        no ``prompt_column`` is given.
     tasks
         The tasks to keep (default: every task in the data), in this order.
     max_length
@@ -150,6 +156,10 @@ class DataConfig(_Settings):
         default=None, metadata=_help("with --completion-column: a prompt column (its tokens are not scored)"))
     completion_column: str | None = field(
         default=None, metadata=_help("with --prompt-column: the completion column (only its tokens are scored)"))
+    messages_column: str | None = field(
+        default=None, metadata=_help(
+            "column of conversations, lists of role/content turns rendered with the chat template; only "
+            "assistant tokens are scored (default: 'messages' when the data has it and no text column)"))
     tasks: Sequence[str] | None = field(
         default=None, metadata=_help("tasks to keep, in this order (default: all)", metavar="TASK"))
     max_length: int = field(default=256, metadata=_help("truncate documents to this many tokens"))
@@ -161,7 +171,7 @@ class DataConfig(_Settings):
         for name in ("task_column", "text_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a column name (a non-empty string), got {getattr(self, name)!r}.")
-        for name in ("prompt_column", "completion_column"):
+        for name in ("prompt_column", "completion_column", "messages_column"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a column name or None, got {value!r}.")
@@ -170,6 +180,11 @@ class DataConfig(_Settings):
                 "prompt_column and completion_column go together: pass both (only completion "
                 f"tokens are scored) or neither; got prompt_column={self.prompt_column!r}, "
                 f"completion_column={self.completion_column!r}."
+            )
+        if self.messages_column is not None and self.prompt_column is not None:
+            raise ValueError(
+                f"messages_column={self.messages_column!r} and prompt_column={self.prompt_column!r} "
+                "exclude each other: a document is either a conversation or a prompt/completion pair."
             )
         if isinstance(self.tasks, str):
             raise ValueError(f"tasks must be a list of task names, got the string {self.tasks!r}; wrap it in a list.")

@@ -4,6 +4,11 @@ Every row of a batch names its own task; the multi-task LoRA layers apply each r
 one forward pass (no loop over tasks, no adapter switching), also inside Hugging Face
 ``generate`` with its KV cache.
 
+Prompts are text to continue, or conversations to answer: lists of ``{"role", "content"}``
+turns, rendered with the tokenizer's chat template and its generation prompt
+(``add_generation_prompt=True``) exactly as conversations are rendered for training (see
+`bora_pyro.data.chat`), so the continuation is the assistant's next answer.
+
 Which adapter a task name selects
 ---------------------------------
 * a task of the fitted result: its own adapter ``theta_d``;
@@ -19,12 +24,13 @@ Which adapter a task name selects
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .checks import choice, positive_int
+from .data.chat import chat_prompt_ids, is_conversation
 
 __all__ = ["GLOBAL_TASK", "UNSEEN_CHOICES", "draw_task_adapters", "generate", "resolve_adapters", "task_logits"]
 
@@ -215,7 +221,7 @@ def task_logits(
 
 def generate(
     result: Any,
-    prompts: str | Sequence[str],
+    prompts: str | Sequence[str] | Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
     task: str | Sequence[str],
     *,
     max_new_tokens: int = 50,
@@ -226,7 +232,8 @@ def generate(
     """Continue each prompt with its own task's adapter; prompts of many tasks in one batch.
 
     Each prompt is tokenised as the training documents were (the corpus' start token, then the
-    text without special tokens), the batch is left-padded, and Hugging Face ``generate`` runs on
+    text without special tokens; a conversation rendered by the chat template with its
+    generation prompt), the batch is left-padded, and Hugging Face ``generate`` runs on
     ``result.lm.base_model`` with the row-wise adapters applied (KV cache included).
 
     Parameters
@@ -234,7 +241,9 @@ def generate(
     result
         A fitted `BoraResult`.
     prompts
-        One prompt or a list of N prompts (an empty prompt generates from the start token).
+        One prompt or a list of N prompts (an empty prompt generates from the start token); or
+        one conversation (a list of ``{"role", "content"}`` turns) or a list of N of them, each
+        answered as the assistant's next turn (the tokenizer needs a chat template).
     task
         One task name for every prompt, or a list of N names; ``"<global>"`` for the global
         adapter.
@@ -256,22 +265,18 @@ def generate(
 
     Returns
     -------
-    The generated continuations (without the prompt), one per prompt, or
-    ``num_return_sequences`` per prompt in prompt order.
+    The generated continuations (without the prompt; for a conversation, the answer), one per
+    prompt, or ``num_return_sequences`` per prompt in prompt order.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}.")
+    rows = _prompt_rows(result, prompts)
     max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
     _check_generation_kwargs(generation_kwargs)
-    names = _task_list(task, len(prompts))
+    names = _task_list(task, len(rows))
     adapters, task_ids = resolve_adapters(result, names, unseen=unseen, seed=0 if seed is None else seed)
 
     model = result.lm.base_model
     expand = _rows_per_prompt(model, generation_kwargs)
-    input_ids, attention_mask = _left_padded(result, prompts)
+    input_ids, attention_mask = _left_padded(rows, result.corpus.pad_token_id)
     device = result.lm.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     pad_id = result.corpus.pad_token_id
@@ -335,17 +340,34 @@ def _raise_unknown(result: Any, name: str) -> None:
     )
 
 
-def _left_padded(result: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, L]`` ids (start token + prompt tokens, left-padded with the corpus' pad id) and the
-    attention mask.
+def _prompt_rows(result: Any, prompts: Any) -> list[list[int]]:
+    """Token ids of each prompt: the start token and the text's tokens, or a conversation
+    rendered with the chat template's generation prompt."""
+    start = result.corpus.start_token_id
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif is_conversation(prompts):
+        prompts = [prompts]
+    prompts = list(prompts) if isinstance(prompts, Sequence) else prompts
+    if isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts):
+        encoded = result.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return [[start, *ids] for ids in encoded]
+    if isinstance(prompts, list) and prompts and all(isinstance(p, (list, tuple)) for p in prompts):
+        return chat_prompt_ids(prompts, result.tokenizer, start_id=start)
+    raise ValueError(
+        f"prompts must be a string, a non-empty list of strings, a conversation (a list of "
+        f"{{'role', 'content'}} turns) or a non-empty list of conversations, got {str(prompts)[:80]}."
+    )
+
+
+def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, L]`` ids (each row left-padded with the corpus' pad id) and the attention mask.
 
     ``pad_sequence`` rather than ``tokenizer.pad``: the corpus pads with the tokenizer's eos
     token when it has no pad token (GPT-2, Llama), and ``tokenizer.pad`` refuses such tokenizers.
     """
-    corpus = result.corpus
-    encoded = result.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    rows = [torch.tensor([corpus.start_token_id, *ids], dtype=torch.long) for ids in encoded]
-    input_ids = pad_sequence(rows, batch_first=True, padding_value=corpus.pad_token_id, padding_side="left")
+    rows = [torch.tensor(ids, dtype=torch.long) for ids in rows]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
     attention_mask = pad_sequence(
         [torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="left"
     )

@@ -4,7 +4,8 @@ and the default Shakespeare data.
 Modules by job: :mod:`~bora_pyro.data.readers` (files and tables into columns, column checks),
 :mod:`~bora_pyro.data.corpus` (``TaskCorpus`` and ``build_corpus``),
 :mod:`~bora_pyro.data.splits` (``TaskSplit`` and the seeded per-task split),
-:mod:`~bora_pyro.data.batches` (``Batch``, collation, ``IGNORE_INDEX``) and
+:mod:`~bora_pyro.data.batches` (``Batch``, collation, ``IGNORE_INDEX``),
+:mod:`~bora_pyro.data.chat` (conversations: the chat template and the assistant's tokens) and
 :mod:`~bora_pyro.data.shakespeare` (the default data).
 """
 
@@ -17,6 +18,7 @@ from bora_pyro.data.shakespeare import (
     load_shakespeare,
     paper_selection,
     plays_dir,
+    shakespeare_conversations,
     shakespeare_corpus,
 )
 from bora_pyro.data.splits import SPLIT_NAMES, TaskSplit
@@ -34,6 +36,7 @@ __all__ = [
     "DEFAULT_CHARACTERS",
     "REPRO_CHARACTERS",
     "load_shakespeare",
+    "shakespeare_conversations",
     "paper_selection",
     "plays_dir",
     "shakespeare_corpus",

