@@ -241,25 +241,66 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _message(value: str) -> dict[str, str]:
+    role, sep, content = value.partition(":")
+    if not sep or not role.strip():
+        raise argparse.ArgumentTypeError(
+            f"--message {value!r} must be ROLE:TEXT, e.g. --message 'user:Who is there?'."
+        )
+    return {"role": role.strip(), "content": content}
+
+
+def _chat(value: str) -> list[dict[str, str]]:
+    import json
+
+    try:
+        turns = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--chat is not valid JSON ({err.msg}): {value[:60]!r}.") from None
+    if not (isinstance(turns, list) and turns and all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+            for t in turns)):
+        raise argparse.ArgumentTypeError(
+            f"--chat {value[:60]!r} must be a JSON list of turns, e.g. "
+            '\'[{"role": "user", "content": "Who is there?"}]\'.'
+        )
+    return turns
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_folder(args.run_dir, "RUN_DIR")
     _check_model(args.model)
-    tasks = args.task
-    if len(tasks) not in (1, len(args.prompt)):
+    given = [name for name in ("prompt", "message", "chat") if getattr(args, name)]
+    if len(given) != 1:
         raise ValueError(
-            f"--task was given {len(tasks)} times for {len(args.prompt)} prompts; give it once "
-            "(for every prompt) or once per --prompt."
+            "give the input as --prompt TEXT (repeatable), --message ROLE:TEXT (the turns of one "
+            f"conversation) or --chat JSON (repeatable), exactly one kind; got {given or 'none'}."
+        )
+    if args.message:
+        prompts, shown = [args.message], [args.message[-1]["content"]]
+    elif args.chat:
+        prompts, shown = args.chat, [turns[-1]["content"] for turns in args.chat]
+    else:
+        prompts, shown = args.prompt, args.prompt
+    chat = not args.prompt
+    tasks = args.task
+    if len(prompts) == 1 and len(tasks) > 1:  # one input, answered by each task
+        prompts, shown = prompts * len(tasks), shown * len(tasks)
+    if len(tasks) not in (1, len(prompts)):
+        raise ValueError(
+            f"--task was given {len(tasks)} times for {len(prompts)} inputs; give it once (for every "
+            "input) or once per input."
         )
     import bora_pyro
 
     result = bora_pyro.load_result(args.run_dir, model=args.model, device=args.device)
-    tasks = tasks * len(args.prompt) if len(tasks) == 1 else tasks
+    tasks = tasks * len(prompts) if len(tasks) == 1 else tasks
     kwargs = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     texts = result.generate(
-        args.prompt, tasks, max_new_tokens=args.max_new_tokens, unseen=args.unseen, seed=args.seed, **kwargs
+        prompts, tasks, max_new_tokens=args.max_new_tokens, unseen=args.unseen, seed=args.seed, **kwargs
     )
-    for task, prompt, text in zip(tasks, args.prompt, texts):
-        print(f"[{task}] {prompt}{text}")
+    for task, prompt, text in zip(tasks, shown, texts):
+        print(f"[{task}] {prompt!r} -> {text}" if chat else f"[{task}] {prompt}{text}")
     return 0
 
 
@@ -330,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.add_argument("--out", default=None, metavar="DIR", help="folder to save the fitted result in")
     demo.add_argument("--overwrite", action="store_true", help="with --out: replace an earlier result there")
-    options = _config_options(demo, skip=("task_column", "text_column", "prompt_column", "completion_column", "tasks"))
+    options = _config_options(demo, skip=("task_column", "text_column", "prompt_column", "completion_column",
+                                          "messages_column", "tasks"))
     set_option_defaults(demo, options, **DEMO)
     demo.set_defaults(func=cmd_demo)
 
@@ -365,13 +407,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(sw, skip=("tau", "checkpoint_dir", "resume"), shown_default="from --config")
     sw.set_defaults(func=cmd_sweep)
 
-    gen = sub.add_parser("generate", parents=[common], help="continue prompts with the adapters of a saved result")
+    gen = sub.add_parser(
+        "generate", parents=[common], help="continue prompts, or answer conversations, with the adapters of a saved result",
+        description="Continue text (--prompt) or answer a conversation as the assistant (--message, --chat; "
+                    "rendered with the tokenizer's chat template) with each task's adapter, all in one batch.")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by BoraResult.save (bora fit --out)")
     gen.add_argument("--task", action="append", required=True, metavar="NAME",
-                     help="task whose adapter to use: once for all prompts or once per --prompt; "
-                          "'<global>' for the global adapter")
-    gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                     help="task whose adapter to use: once for all inputs, once per input, or several "
+                          "times for one input (each task answers it); '<global>' for the global adapter")
+    gen.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                      help="text to continue (repeat for several prompts, generated in one batch)")
+    gen.add_argument("--message", action="append", default=[], type=_message, metavar="ROLE:TEXT",
+                     help="a turn of one conversation to answer, e.g. --message 'user:Who is there?' "
+                          "(repeat for earlier turns, in order)")
+    gen.add_argument("--chat", action="append", default=[], type=_chat, metavar="JSON",
+                     help='a conversation to answer as a JSON list of turns, e.g. \'[{"role": "user", '
+                          '"content": "Who is there?"}]\' (repeat for several)')
     gen.add_argument("--max-new-tokens", type=int, default=50, help="(default: %(default)s)")
     gen.add_argument("--temperature", type=float, default=0.0,
                      help="sampling temperature; 0 decodes greedily (default: %(default)s)")

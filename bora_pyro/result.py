@@ -242,11 +242,17 @@ class BoraResult:
 
         return task_logits(self, input_ids, task, attention_mask, **kwargs)
 
-    def generate(self, prompts: str | list[str], task: str | list[str], **kwargs: Any) -> list[str]:
-        """Continue each prompt with its task's adapter, all tasks in one batch.
+    def generate(self, prompts: str | list[str] | list[dict] | list[list[dict]], task: str | list[str],
+                 **kwargs: Any) -> list[str]:
+        """Continue each prompt, or answer each conversation, with its task's adapter, all tasks in
+        one batch.
 
-        See `bora_pyro.generation.generate` (``max_new_tokens``, ``unseen``, ``seed`` and Hugging
-        Face generation keywords). Returns one continuation per prompt.
+        ``prompts``: one text or a list of texts; or one conversation (a list of ``{"role",
+        "content"}`` turns) or a list of them, rendered with the tokenizer's chat template and its
+        generation prompt, e.g. ``result.generate([[{"role": "user", "content": "Who's there?"}]],
+        task=["HAMLET (Hamlet)"])``. See `bora_pyro.generation.generate` (``max_new_tokens``,
+        ``unseen``, ``seed`` and Hugging Face generation keywords). Returns one continuation (or
+        answer) per prompt.
         """
         from .generation import generate
 

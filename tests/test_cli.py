@@ -78,7 +78,7 @@ def test_fit_help_lists_every_config_field_with_its_default(capsys):
 
 
 def test_demo_help_shows_the_demos_own_defaults(capsys):
-    columns = ("task_column", "text_column", "prompt_column", "completion_column", "tasks")
+    columns = ("task_column", "text_column", "prompt_column", "completion_column", "messages_column", "tasks")
     text = _help(["demo", "--help"], capsys)
     assert not any(f" --{name.replace('_', '-')} " in text for name in columns)  # Shakespeare's are fixed
     chunks = _option_help(text, CONFIGS, skip=columns)

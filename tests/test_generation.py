@@ -1,5 +1,8 @@
 """Logits and generation with many tasks in one batch; unseen tasks; the `bora generate` command."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -7,6 +10,7 @@ import bora_pyro
 from bora_pyro.cli import main
 from bora_pyro.generation import draw_task_adapters, generate, task_logits
 from bora_pyro.testing import char_tokenizer, tiny_causal_lm
+from tests.data.helpers import SMOLLM2_TEMPLATE, chat_frame, make_chat_tokenizer
 from tests.tiny_result import tiny_result
 
 PROMPTS = ["to be", "or not to", "", "the rest is silence"]
@@ -125,3 +129,93 @@ def test_cli_generate_matches_the_python_api(tmp_path, capsys):
     assert "unknown task 'nobody'" in capsys.readouterr().err
     loaded = bora_pyro.load_result(run, model=str(model_dir))
     assert loaded.generate("to be", "OPHELIA", max_new_tokens=6) == expected[:1]
+
+
+# ---------------------------------------------------------------------------------------------
+# conversations
+# ---------------------------------------------------------------------------------------------
+
+CHATS = [
+    [{"role": "user", "content": "Who's there?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Nay, answer me"},
+     {"role": "assistant", "content": "Long live"}, {"role": "user", "content": "Bernardo?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_result():
+    result = tiny_result("llama")
+    result.tokenizer.chat_template = SMOLLM2_TEMPLATE
+    return result
+
+
+def test_conversations_are_answered_after_the_templates_generation_prompt(chat_result):
+    tasks = ["OPHELIA", "HAMLET (Hamlet)"]
+    answers = chat_result.generate(CHATS, task=tasks, max_new_tokens=10)
+    # The same as continuing the rendered text by hand: SmolLM2's system prompt, the turns, and
+    # "<|im_start|>assistant\n" (the char tokenizer spells the markers out; its <bos> comes first).
+    rendered = [
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWho's there?<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nNay, answer me<|im_end|>\n"
+        "<|im_start|>assistant\nLong live<|im_end|>\n<|im_start|>user\nBernardo?<|im_end|>\n"
+        "<|im_start|>assistant\n",
+    ]
+    assert answers == generate(chat_result, rendered, tasks, max_new_tokens=10)
+    # One conversation (a list of turns) is one prompt; each row alone gives the same answer.
+    assert generate(chat_result, CHATS[1], "HAMLET (Hamlet)", max_new_tokens=10) == answers[1:]
+    assert generate(chat_result, CHATS[:1], "OPHELIA", max_new_tokens=10) == answers[:1]
+
+
+def test_bad_chat_prompts_are_clear_errors(chat_result):
+    with pytest.raises(ValueError, match="a string, a non-empty list of strings, a conversation"):
+        generate(chat_result, ["to be", CHATS[0]], "OPHELIA")
+    with pytest.raises(ValueError, match='conversation 0, turn 0 .*string "role" and a string "content"'):
+        generate(chat_result, [[{"role": "user", "content": None}]], "OPHELIA")
+    plain = tiny_result("llama")
+    with pytest.raises(ValueError, match="has no chat template"):
+        plain.generate(CHATS, ["OPHELIA", "OPHELIA"])
+
+
+def test_cli_generate_answers_messages_and_chats(chat_result, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama").save_pretrained(model_dir)
+    chat_result.tokenizer.save_pretrained(model_dir)  # with its chat template
+    run = chat_result.save(tmp_path / "run")
+    base = ["generate", str(run), "--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "6"]
+    expected = chat_result.generate([CHATS[0], CHATS[0]], ["OPHELIA", "<global>"], max_new_tokens=6)
+    assert main([*base, "--task", "OPHELIA", "--task", "<global>", "--message", "user:Who's there?"]) == 0
+    assert capsys.readouterr().out == (
+        f"[OPHELIA] \"Who's there?\" -> {expected[0]}\n[<global>] \"Who's there?\" -> {expected[1]}\n"
+    )
+    both = chat_result.generate(CHATS, ["OPHELIA", "OPHELIA"], max_new_tokens=6)
+    assert main([*base, "--task", "OPHELIA", *[a for c in CHATS for a in ("--chat", json.dumps(c))]]) == 0
+    assert capsys.readouterr().out == f"[OPHELIA] \"Who's there?\" -> {both[0]}\n[OPHELIA] 'Bernardo?' -> {both[1]}\n"
+    assert main([*base, "--task", "OPHELIA", "--prompt", "x", "--message", "user:y"]) == 2
+    assert "exactly one kind" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--task", "OPHELIA", "--chat", '{"role": "user"}'])
+    assert "must be a JSON list of turns" in capsys.readouterr().err
+
+
+def test_a_messages_corpus_fits_evaluates_and_generates(tmp_path):
+    tokenizer = make_chat_tokenizer()  # SmolLM2's template, <|im_start|> / <|im_end|> single tokens
+    frame = chat_frame((6, 8))[["task", "messages"]]
+    result = bora_pyro.fit_map(
+        frame, model=tiny_causal_lm("llama", hidden_size=16, num_layers=1),
+        tokenizer=tokenizer, max_length=128, tau=10.0, rank=2, alpha=4.0, max_steps=4, batch_size=4,
+        device="cpu", progress=False,
+    )
+    assert result.corpus.options["messages_column"] == "messages"
+    table = result.evaluate("test")
+    test = result.corpus.test
+    answers = frame["messages"].iloc[test.source_index].map(lambda m: len(m[1]["content"]) + 1)  # + <|im_end|>
+    scored = answers.groupby(test.task_ids.numpy()).sum()
+    per_task = table.set_index("task").loc[result.tasks]
+    assert per_task["n_tokens"].tolist() == scored.tolist()
+    assert per_task["perplexity"].map(math.isfinite).all()
+    answers = result.generate([[{"role": "user", "content": "q1"}]] * 2, task=result.tasks, max_new_tokens=5)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    loaded = bora_pyro.load_result(result.save(tmp_path / "run"), model=tiny_causal_lm("llama", hidden_size=16, num_layers=1),
+                                   tokenizer=tokenizer)
+    assert torch.equal(loaded.corpus.test.batch([0, 1]).labels, result.corpus.test.batch([0, 1]).labels)

@@ -84,3 +84,19 @@ def make_chat_tokenizer(template=SMOLLM2_TEMPLATE):
     )
     tokenizer.chat_template = template
     return tokenizer
+
+
+def chat_frame(n_per_task=(6, 8), seed=0):
+    """Two-turn conversations (user, assistant) with a task column and a metadata dict naming
+    the same task as ``speaker``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d, n in enumerate(n_per_task):
+        for i in range(n):
+            words = " ".join(rng.choice(["to", "be", "or", "not", "ay", "no"], size=rng.integers(1, 5)))
+            rows.append({
+                "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": words}],
+                "metadata": {"speaker": f"speaker{d}", "line": i},
+                "task": f"speaker{d}",
+            })
+    return pd.DataFrame(rows)

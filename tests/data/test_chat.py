@@ -10,7 +10,13 @@ import torch
 
 from bora_pyro.data import IGNORE_INDEX, TaskCorpus, build_corpus
 from bora_pyro.data.chat import chat_prompt_ids, encode_conversations, has_generation_markers
-from tests.data.helpers import SMOLLM2_TEMPLATE, assert_corpora_equal, make_chat_tokenizer, make_tokenizer
+from tests.data.helpers import (
+    SMOLLM2_TEMPLATE,
+    assert_corpora_equal,
+    chat_frame,
+    make_chat_tokenizer,
+    make_tokenizer,
+)
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 TWO_ANSWERS = [
@@ -49,20 +55,6 @@ def encode(conversations, tokenizer, max_length=1000):
 def scored_and_rest(tokenizer, ids, mask):
     tokens = tokenizer.convert_ids_to_tokens(ids)
     return [t for t, m in zip(tokens, mask) if m], "".join(t for t, m in zip(tokens, mask) if not m)
-
-
-def chat_frame(n_per_task=(6, 8), seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for d, n in enumerate(n_per_task):
-        for i in range(n):
-            words = " ".join(rng.choice(["to", "be", "or", "not", "ay", "no"], size=rng.integers(1, 5)))
-            rows.append({
-                "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": words}],
-                "metadata": {"speaker": f"speaker{d}", "line": i},
-                "task": f"speaker{d}",
-            })
-    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------------
