@@ -107,8 +107,8 @@ class Table:
             else:
                 raise ValueError(
                     f"{argument}={column + '.' + key!r} reads the field {key!r} of column "
-                    f"{column!r}, but row {i} of {self.source} holds a "
-                    f"{type(value).__name__} there ({str(value)[:40]!r}), not a mapping."
+                    f"{column!r}, but row {i} of {self.source} holds the "
+                    f"{type(value).__name__} {str(value)[:40]!r} there, not a mapping (dict)."
                 )
         return out
 

@@ -194,6 +194,11 @@ def test_tasks_from_a_metadata_field_in_a_frame_and_in_files(tmp_path):
         np.testing.assert_array_equal(from_file.test.source_index, by_field.test.source_index)
     with pytest.raises(ValueError, match="'metadata.speakr' \\(task_column\\) has 14 missing"):
         build_corpus(frame, tokenizer, task_column="metadata.speakr")
+    odd = frame.assign(metadata=[*frame["metadata"][:3], 7, *frame["metadata"][4:]])
+    with pytest.raises(ValueError, match="row 3 of data holds the int '7' there, not a mapping"):
+        build_corpus(odd, tokenizer, task_column="metadata.speaker")
+    with pytest.raises(ValueError, match=r"column 'meta.speaker' \(task_column\) not found.*'<column>.<key>'"):
+        build_corpus(frame, tokenizer, task_column="meta.speaker")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bora_pyro.data import TaskSplit, build_corpus
+from bora_pyro.data import IGNORE_INDEX, TaskSplit, build_corpus
 from bora_pyro.data.splits import split_sizes
 from tests.data.helpers import all_batches, assert_corpora_equal
 
@@ -163,3 +163,25 @@ def test_task_split_checks_its_arrays():
         TaskSplit("train", [1, 5, 6], [0, 3], [1], [1], num_tasks=1, pad_token_id=0)
     with pytest.raises(ValueError, match="num_tasks must be a positive integer, got num_tasks=0"):
         TaskSplit("train", [], [0], [], [], num_tasks=0, pad_token_id=0)
+
+
+def test_a_scored_mask_sets_the_labels_and_survives_selection():
+    # two documents [1 5 6 7] and [1 8 9]: scored at positions 1, 3 and at position 2
+    scored = [False, True, False, True, False, False, True]
+    split = TaskSplit("train", [1, 5, 6, 7, 1, 8, 9], [0, 4, 7], [1, 2], [0, 1], num_tasks=2,
+                      pad_token_id=0, scored=scored)
+    ignore = IGNORE_INDEX
+    assert split.batch([0, 1]).labels.tolist() == [[ignore, 5, ignore, 7], [ignore, ignore, 9, ignore]]
+    assert split.doc_labels(1).tolist() == [ignore, ignore, 9]
+    assert split.tokens_per_task.tolist() == [2, 1] and split.num_tokens == 3
+    picked = split.select([1, 0, 1])
+    assert picked.batch([0, 1]).labels.tolist() == [[ignore, ignore, 9, ignore], [ignore, 5, ignore, 7]]
+    assert picked.tokens_per_task.tolist() == [2, 2]
+    with pytest.raises(ValueError, match="scored is true at the first position of document 1"):
+        TaskSplit("t", [1, 5, 1, 8], [0, 2, 4], [1, 1], [0, 0], num_tasks=1, pad_token_id=0,
+                  scored=[False, True, True, True])
+    with pytest.raises(ValueError, match="document 0 has label start 1 but is first scored at 2"):
+        TaskSplit("t", [1, 5, 6], [0, 3], [1], [0], num_tasks=1, pad_token_id=0,
+                  scored=[False, False, True])
+    with pytest.raises(ValueError, match=r"one entry per token \(len\(tokens\) = 3\), got 2"):
+        TaskSplit("t", [1, 5, 6], [0, 3], [1], [0], num_tasks=1, pad_token_id=0, scored=[False, True])
