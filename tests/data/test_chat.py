@@ -247,3 +247,13 @@ def test_chat_prompt_ids_end_with_the_generation_prompt():
     (train_ids,), (mask,), _ = encode([TWO_ANSWERS], tokenizer)
     assert train_ids[: len(ids)] == ids
     assert mask[: len(ids)].sum() == len("Yo.") + 1 and mask[len(ids)] and not mask[len(ids) - 1]
+
+
+@pytest.mark.default_model
+def test_the_fixture_is_the_template_in_smollm2s_gguf_file():
+    """The template the tests use is the one SmolLM2's GGUF file carries (metadata only: ~2 s)."""
+    gguf = pytest.importorskip("gguf")
+    from bora_pyro.models.base import default_gguf_path
+
+    field = gguf.GGUFReader(default_gguf_path()).fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode("utf-8") == SMOLLM2_TEMPLATE
