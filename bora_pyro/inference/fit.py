@@ -238,10 +238,17 @@ def _fisher_at(run: _Run, task_adapters: torch.Tensor) -> torch.Tensor:
     fisher = MonteCarloFisher(run.train.docs_per_task, run.lm.num_params, beta=1.0, device=device)
     generator = torch.Generator(device=device).manual_seed(train.seed)
     logits_fn = lm_logits(run.lm)
-    for _ in range(train.laplace_passes):
-        for batch in run.train.batches(train.batch_size):
+    batches = (batch for _ in range(train.laplace_passes) for batch in run.train.batches(train.batch_size))
+    for batch in batches:
+        try:
             with autocast(device, amp_dtype):
                 fisher.update(logits_fn, adapters, batch.to(device), generator=generator)
+        except RuntimeError as err:  # torch.multinomial on non-finite logits
+            if "probability tensor contains" not in str(err):
+                raise
+            # The starting adapters give non-finite logits: the first training step reports it
+            # as a divergence (with what to try), so the scales' start does not matter.
+            return torch.zeros(run.bora.num_tasks, run.lm.num_params, device=device)
     return fisher.curvature()
 
 
