@@ -46,7 +46,7 @@ DEMO_EVAL_DOCS = 10
 #: The config classes whose fields are options, with the title of their group in ``--help``.
 _GROUPS = (("data", DataConfig), ("model", BoraConfig), ("training", TrainConfig))
 #: Training settings of only one method (``bora fit --method``).
-_SVI_ONLY = ("num_particles", "init_scale")
+_SVI_ONLY = ("num_particles", "init_scale", "scale_lr", "laplace_passes")
 _MAP_ONLY = ("parameterization",)
 #: Training settings of the SVI stage alone when ``--method svi`` fits MAP first.
 _CHECKPOINTS = ("checkpoint_dir", "checkpoint_every", "resume")

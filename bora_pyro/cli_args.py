@@ -48,8 +48,9 @@ def _tau(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-#: Fields whose values need a parser of their own (by field name).
-_PARSERS: dict[str, Callable[[str], Any]] = {"tau": _tau, "taus": _tau}
+#: Fields whose values need a parser of their own (by field name); ``init_scale`` (a number or
+#: ``'laplace'``) is passed on as text and parsed by `bora_pyro.config.TrainConfig`.
+_PARSERS: dict[str, Callable[[str], Any]] = {"tau": _tau, "taus": _tau, "init_scale": str}
 
 
 def optional_parser(convert: Callable[[str], Any], kind: str) -> Callable[[str], Any]:

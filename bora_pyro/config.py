@@ -80,6 +80,22 @@ def parse_tau(tau: Any) -> float | str | dict[str, float]:
     return tau
 
 
+def _parse_init_scale(value: Any) -> float | str:
+    """``init_scale``: a finite number > 0 (also as a string, from the command line) or ``"laplace"``."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "laplace":
+            return "laplace"
+        try:
+            value = float(low)
+        except ValueError:
+            raise ValueError(
+                f"init_scale={value!r} is not understood; pass a positive number (the initial "
+                f"posterior sd of every entry) or 'laplace'{checks.did_you_mean(low, ['laplace'])}"
+            ) from None
+    return checks.positive_number("init_scale", value)
+
+
 def _help(text: str, **extra: Any) -> dict[str, Any]:
     """Field metadata: the help text shown by ``bora ... --help`` (and extra CLI hints)."""
     return {"help": text, **extra}
@@ -325,7 +341,9 @@ class TrainConfig(_Settings):
         (``"offset"``) or the task adapters (``"centered"``); same objective and optimum.
     num_particles, init_scale
         SVI only: Monte Carlo draws of the adapters per step, and the initial posterior sd of
-        every adapter entry.
+        every adapter entry: a number, or ``"laplace"`` (the default) for the Laplace diagonal
+        ``1 / sqrt(h + tau)`` at the starting adapters, with ``h`` a Monte-Carlo true Fisher
+        (see ``laplace_passes``) and tau the starting precision (a MAP fit's, with ``init=``).
     device, autocast
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...; ``autocast="bf16"`` (or
         ``"fp16"``) runs the frozen base model in that precision (adapters stay fp32).
@@ -342,6 +360,13 @@ class TrainConfig(_Settings):
         ``"mlflow"``, ``"wandb"``, a list of them, or ``None``), the local folder they write
         to, and the run's name (default: the method and the start time, e.g.
         ``map-20250101-120000``); see `bora_pyro.tracking`.
+    scale_lr
+        SVI only: AdamW learning rate of the log posterior sds, under the same schedule as
+        ``lr``. A step changes a sd by up to about this fraction whatever its size, so the rate
+        is unitless and does not follow ``lr`` (see docs/map-vs-svi.md for the measurement).
+    laplace_passes
+        SVI with ``init_scale="laplace"``: passes over the training documents (one forward and
+        backward pass each, with labels sampled from the model) to estimate the Fisher ``h``.
     """
 
     kind: ClassVar[str] = "training setting"
@@ -371,7 +396,10 @@ class TrainConfig(_Settings):
         default="offset", metadata=_help("MAP: what the optimiser moves, the task offsets or the task adapters",
                                          choices=PARAMETERIZATIONS))
     num_particles: int = field(default=1, metadata=_help("SVI: Monte Carlo draws of the adapters per step"))
-    init_scale: float = field(default=1e-3, metadata=_help("SVI: initial posterior sd of every adapter entry"))
+    init_scale: float | str = field(
+        default="laplace", metadata=_help(
+            "SVI: initial posterior sd of every adapter entry, a number or 'laplace' (1 / sqrt(Fisher + tau) "
+            "at the starting adapters)"))
     device: str = field(default="auto", metadata=_help("'auto', 'cpu', 'cuda', 'cuda:1', ..."))
     autocast: str | None = field(
         default=None, metadata=_help("run the frozen base model in this precision (CUDA)", choices=AUTOCAST_CHOICES))
@@ -391,6 +419,10 @@ class TrainConfig(_Settings):
                                        "file store, W&B offline runs)", metavar="DIR"))
     run_name: str | None = field(
         default=None, metadata=_help("name of the tracked run (default: the method and the start time)"))
+    scale_lr: float = field(
+        default=0.02, metadata=_help("SVI: learning rate of the log posterior sds (a relative change per step)"))
+    laplace_passes: int = field(
+        default=2, metadata=_help("SVI, init_scale 'laplace': passes over the training documents for the Fisher"))
 
     def __post_init__(self) -> None:
         self.max_steps = checks.optional_positive_int("max_steps", self.max_steps, none_means="use epochs")
@@ -413,7 +445,7 @@ class TrainConfig(_Settings):
             self.tau_warmup = checks.non_negative_int("tau_warmup", self.tau_warmup)
         checks.choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         self.num_particles = checks.positive_int("num_particles", self.num_particles)
-        self.init_scale = checks.positive_number("init_scale", self.init_scale)
+        self.init_scale = _parse_init_scale(self.init_scale)
         if not isinstance(self.device, str):
             self.device = str(self.device)  # a torch.device; runtime.resolve_device checks it
         if self.autocast is not None:
@@ -433,6 +465,8 @@ class TrainConfig(_Settings):
             raise ValueError("report_dir must be a folder name, got ''; the default is 'runs'.")
         if self.run_name is not None and (not isinstance(self.run_name, str) or not self.run_name.strip()):
             raise ValueError(f"run_name must be a non-empty string or None (the method and the time), got {self.run_name!r}.")
+        self.scale_lr = checks.positive_number("scale_lr", self.scale_lr)
+        self.laplace_passes = checks.positive_int("laplace_passes", self.laplace_passes)
 
     def total_steps(self, num_train_docs: int) -> int:
         """Optimiser steps of the run: ``max_steps``, else ``epochs`` (default 3) full passes of

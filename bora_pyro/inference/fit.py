@@ -20,7 +20,7 @@ from ..models.bora import BoraModel
 from ..models.builder import build_bora
 from ..models.lora import MultiTaskLM
 from ..result import BoraResult
-from ..runtime import autocast_dtype, resolve_device
+from ..runtime import autocast, autocast_dtype, resolve_device
 from ..tracking import Trackers, default_run_name, log_fit_end, make_trackers, require_trackers
 from .checkpoint import Checkpointing, make_checkpointing
 from .loop import FitState
@@ -152,11 +152,19 @@ def fit_svi(
     init_adapter
         As in `fit_map`, without ``init``.
     data_config, config, train, **overrides
-        As in `fit_map`. SVI reads also ``num_particles`` and ``init_scale`` of `TrainConfig`;
-        ``tau_update_every`` defaults to every step and ``tau_warmup`` to none when starting
-        from ``init`` (else a fifth of the run). Validation uses the posterior means. A
-        checkpoint also holds the guide's scales and the moving averages of the tau M-step;
-        resuming a run started from ``init`` needs the same ``init`` again.
+        As in `fit_map`. SVI reads also ``num_particles``, ``init_scale``, ``scale_lr`` and
+        ``laplace_passes`` of `TrainConfig`. With ``init_scale="laplace"`` (the default) each
+        posterior sd starts at the Laplace diagonal ``1 / sqrt(h_di + tau_g)`` of the starting
+        point: ``h`` the diagonal true Fisher of task d's training NLL at the starting adapters
+        (``init``'s task adapters; a `curvature.MonteCarloFisher` over ``laplace_passes`` passes
+        of the training documents), ``tau`` the starting precision (``init``'s learned tau, the
+        fixed tau, ``tau_init``; 0 and inf as in `svi.laplace_scales`). The log-scales move at
+        ``scale_lr`` (a relative change per step, not tied to ``lr``). ``tau_update_every``
+        defaults to every step and ``tau_warmup`` to none when starting from ``init`` with
+        Laplace scales (else a fifth of the run, for scales started from a number to grow
+        first). Validation uses the posterior
+        means. A checkpoint also holds the guide's scales and the moving averages of the tau
+        M-step; resuming a run started from ``init`` needs the same ``init`` again.
 
     Returns
     -------
@@ -204,13 +212,44 @@ def fit_svi(
             if torch.isfinite(values).all() and (values > 0).all():
                 init_tau = values
     fit_args = run.record("svi", init="fit_map result" if init is not None else None)
+    curvature = None
+    if settings.train.init_scale == "laplace":
+        start = init_global.expand(run.bora.num_tasks, -1) if init_tasks is None else init_tasks
+        curvature = _fisher_at(run, start)  # where the locations start
     with run.trackers("svi") as trackers:
         state = optimise_svi(
             run.bora, run.batches(), settings.train, init_global=init_global, init_tasks=init_tasks,
-            init_tau=init_tau, validate=run.validate, checkpointing=_checkpointing(run, fit_args),
-            on_step=trackers.log_metrics if trackers else None,
+            init_tau=init_tau, curvature=curvature, validate=run.validate,
+            checkpointing=_checkpointing(run, fit_args), on_step=trackers.log_metrics if trackers else None,
         )
         return run.finish(state, fit_args, trackers)
+
+
+def _fisher_at(run: _Run, task_adapters: torch.Tensor) -> torch.Tensor:
+    """``[D, P]`` diagonal true Fisher of each task's training NLL at ``task_adapters``: a
+    `MonteCarloFisher` over ``laplace_passes`` passes of the training documents, labels drawn
+    from the model (seeded by ``seed``), under the run's autocast."""
+    from .curvature import MonteCarloFisher, lm_logits
+
+    train = run.settings.train
+    device = resolve_device(train.device)
+    amp_dtype = autocast_dtype(train.autocast, device)
+    adapters = task_adapters.to(device)
+    fisher = MonteCarloFisher(run.train.docs_per_task, run.lm.num_params, beta=1.0, device=device)
+    generator = torch.Generator(device=device).manual_seed(train.seed)
+    logits_fn = lm_logits(run.lm)
+    batches = (batch for _ in range(train.laplace_passes) for batch in run.train.batches(train.batch_size))
+    for batch in batches:
+        try:
+            with autocast(device, amp_dtype):
+                fisher.update(logits_fn, adapters, batch.to(device), generator=generator)
+        except RuntimeError as err:  # torch.multinomial on non-finite logits
+            if "probability tensor contains" not in str(err):
+                raise
+            # The starting adapters give non-finite logits: the first training step reports it
+            # as a divergence (with what to try), so the scales' start does not matter.
+            return torch.zeros(run.bora.num_tasks, run.lm.num_params, device=device)
+    return fisher.curvature()
 
 
 def _settings(

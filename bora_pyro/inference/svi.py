@@ -2,7 +2,7 @@ r"""Stochastic variational inference for BoRA: a mean-field Normal guide over th
 the global adapter as a point (type-II maximum likelihood), tau by variational EM.
 
 The guide is ``q(theta_d) = Normal(mu_d, sigma_d)`` with one location and one scale per entry of
-the flat ``[D, P]`` layout (``sigma = softplus(rho)``), ``Theta`` a point estimate. The ELBO
+the flat ``[D, P]`` layout (``sigma = exp(log_sigma)``), ``Theta`` a point estimate. The ELBO
 
     E_q[ sum_n log p_LM(doc_n | theta) ] - sum_d KL(q(theta_d) || Normal(Theta, tau^-1))
 
@@ -17,19 +17,32 @@ which accounts for posterior uncertainty through ``sigma`` and so does not colla
 ``(D - 1)`` rather than ``D`` degrees of freedom per parameter because ``Theta`` is estimated
 from the same adapters (as in REML).
 
+Where the scales start and how they move. AdamW moves every parameter by about its learning rate
+per step whatever the gradient's size, so with ``log_sigma`` as the parameter a step changes
+sigma by a *relative* amount, the same at sigma = 1e-3 and at 1, and the scales get their own
+learning rate (``TrainConfig.scale_lr``): at the locations' rate (2e-3 on the default data) a
+sd would need thousands of steps to grow by the factor 10-100 between a guessed ``init_scale``
+and the posterior's. Started from a MAP fit, the scales start at the Laplace diagonal instead
+(`laplace_scales`)::
+
+    sigma_di = 1 / sqrt(h_di + tau_g(i))
+
+with ``h`` the diagonal true Fisher of task ``d``'s negative log-likelihood at the MAP adapters
+(`bora_pyro.inference.curvature.MonteCarloFisher`) and ``tau`` the MAP's precision: the
+mean-field ELBO's optimum for a locally Gaussian posterior, ``1 / sigma_di^2 = E_q[H_di] + tau``
+with the Fisher in place of the Hessian.
+
 In the limits the guide follows the model: with tau = 0 there is no global adapter, with
 tau = inf no task adapters and the mean-field Normal is over the one shared adapter.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterator
 
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
@@ -39,15 +52,16 @@ from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 
-__all__ = ["MeanFieldGuide", "SVIStepper", "optimise_svi"]
+__all__ = ["MeanFieldGuide", "SVIStepper", "laplace_scales", "optimise_svi", "variational_em_tau"]
 
-
-def _inverse_softplus(x: float) -> float:
-    return x + math.log(-math.expm1(-x))
+#: In the independent limit (tau = 0) an entry without curvature has no finite Laplace sd; its
+#: precision is floored at this fraction of the median precision of its group (sd <= 10x the
+#: group's median sd).
+INDEPENDENT_PRECISION_FLOOR = 1e-2
 
 
 class MeanFieldGuide(nn.Module):
-    """``q(theta_d) = prod_i Normal(mu_di, softplus(rho_di))``, ``Theta`` a point (delta).
+    """``q(theta_d) = prod_i Normal(mu_di, exp(log_sigma_di))``, ``Theta`` a point (delta).
 
     Parameters
     ----------
@@ -58,19 +72,30 @@ class MeanFieldGuide(nn.Module):
     init_global
         ``[P]`` initial global adapter.
     init_scale
-        Initial posterior standard deviation of every entry.
+        Initial posterior standard deviation: one number for every entry, or a tensor of the
+        locations' shape (``[D, P]``; ``[P]`` in the pooled limit), e.g. `laplace_scales`.
     """
 
-    def __init__(self, model: BoraModel, init_tasks: torch.Tensor, init_global: torch.Tensor, *, init_scale: float = 1e-3):
+    def __init__(
+        self, model: BoraModel, init_tasks: torch.Tensor, init_global: torch.Tensor, *,
+        init_scale: float | torch.Tensor = 1e-3,
+    ):
         super().__init__()
         self.mode = model.mode
         self.num_tasks = model.num_tasks
-        rho = _inverse_softplus(init_scale)
         if self.mode == "pooled":
             self.loc = nn.Parameter(init_global.detach().clone().float())
         else:
             self.loc = nn.Parameter(init_tasks.detach().clone().float())
-        self.rho = nn.Parameter(torch.full_like(self.loc, rho))
+        scale = torch.as_tensor(init_scale, dtype=torch.float32, device=self.loc.device)
+        if scale.dim() and scale.shape != self.loc.shape:
+            raise ValueError(
+                f"init_scale has shape {tuple(scale.shape)}; give one number or a tensor of the "
+                f"locations' shape {tuple(self.loc.shape)}."
+            )
+        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("init_scale must be finite and > 0 everywhere.")
+        self.log_scale = nn.Parameter(scale.log().expand_as(self.loc).clone())
         self.global_loc = (
             nn.Parameter(init_global.detach().clone().float()) if self.mode in ("fixed", "learn") else None
         )
@@ -78,7 +103,7 @@ class MeanFieldGuide(nn.Module):
     @property
     def scale(self) -> torch.Tensor:
         """Posterior standard deviations, same shape as ``loc``."""
-        return F.softplus(self.rho)
+        return self.log_scale.exp()
 
     def _normal(self) -> dist.Distribution:
         # no argument validation: it would be two more passes over the [D, P] parameters
@@ -104,10 +129,12 @@ class SVIStepper(Stepper):
         The `BoraModel`.
     train
         The `TrainConfig`; besides what `Stepper` reads: ``num_particles`` (Monte Carlo draws
-        per step), ``init_scale`` (initial posterior sd of every entry), ``tau_update_every``
-        and ``tau_warmup`` (steps between variational-EM updates of a learned tau, default every
-        step, and steps before the first, default none when starting from ``init_tasks``, else a
-        fifth of the run).
+        per step), ``init_scale`` (initial posterior sd of every entry, or ``"laplace"``: from
+        ``curvature``), ``scale_lr`` (learning rate of the log-scales), ``tau_update_every``
+        and ``tau_warmup`` (steps between variational-EM updates of a learned tau, default
+        every step, and steps before the first: default none when the locations start from
+        ``init_tasks`` and the scales from the Laplace diagonal, else a fifth of the run, for
+        the scales to grow from a guessed number before tau reads them).
     init_global
         ``[P]`` initial global adapter.
     init_tasks
@@ -115,6 +142,10 @@ class SVIStepper(Stepper):
         ``init_global`` for every task.
     init_tau
         ``[G]`` starting value of a learned tau (default ``config.tau_init``).
+    curvature
+        ``[D, P]`` diagonal curvature ``h`` of each task's negative log-likelihood at the
+        starting locations (e.g. `curvature.MonteCarloFisher`); needed by, and only used with,
+        ``init_scale="laplace"`` (see `laplace_scales`).
     """
 
     name = "BoRA SVI"
@@ -127,25 +158,52 @@ class SVIStepper(Stepper):
         init_global: torch.Tensor,
         init_tasks: torch.Tensor | None = None,
         init_tau: torch.Tensor | None = None,
+        curvature: torch.Tensor | None = None,
     ):
         super().__init__(model, TraceMeanField_ELBO(num_particles=train.num_particles), train)
         self.init_global = init_global.to(self.device)
         self.init_tasks = (
             init_global.expand(model.num_tasks, -1) if init_tasks is None else init_tasks
         ).to(self.device)
-        self.init_scale = train.init_scale
         if init_tau is not None and self.learn:
             self.tau = init_tau.to(self.device, self.tau.dtype).clone()
+        laplace = train.init_scale == "laplace"
+        if laplace:
+            if curvature is None:
+                raise ValueError(
+                    "init_scale='laplace' needs the curvature of each task's likelihood at the "
+                    "starting adapters (curvature=[D, P], e.g. from curvature.MonteCarloFisher; "
+                    "fit_svi computes it); pass a number as init_scale instead."
+                )
+            if tuple(curvature.shape) != (model.num_tasks, model.num_params):
+                raise ValueError(
+                    f"curvature has shape {tuple(curvature.shape)}, expected [D, P] = "
+                    f"{[model.num_tasks, model.num_params]}."
+                )
+            self.init_scale = laplace_scales(
+                curvature.to(self.device), self.tau, model.group_index, mode=model.mode
+            )
+        else:
+            self.init_scale = train.init_scale
+        self.scale_lr = train.scale_lr
         self.tau_update_every = train.tau_update_every if train.tau_update_every is not None else 1
         self.tau_warmup = (
             train.tau_warmup if train.tau_warmup is not None
-            else 0 if init_tasks is not None else self.steps // 5
+            else 0 if (init_tasks is not None and laplace) else self.steps // 5
         )
         self.average_beta = 0.98
         self._avg: list[torch.Tensor] | None = None
 
     def build_guide(self):
         return MeanFieldGuide(self.model, self.init_tasks, self.init_global, init_scale=self.init_scale)
+
+    def param_groups(self) -> list[dict]:
+        """`Stepper.param_groups`, the log-scales at ``scale_lr``."""
+        groups = super().param_groups()
+        for g in groups:
+            if g["name"] == "log_scale":
+                g["lr"] = self.scale_lr
+        return groups
 
     def after_step(self, step: int) -> None:
         if not self.learn:
@@ -199,6 +257,50 @@ class SVIStepper(Stepper):
 
 
 @torch.no_grad()
+def laplace_scales(
+    curvature: torch.Tensor, tau: torch.Tensor, group_index: torch.Tensor, *, mode: str
+) -> torch.Tensor:
+    r"""The Laplace diagonal ``1 / sqrt(h_di + tau_g(i))``: posterior sds of the task adapters.
+
+    Parameters
+    ----------
+    curvature
+        ``[D, P]`` diagonal curvature ``h`` of each task's negative log-likelihood (>= 0, e.g.
+        the true Fisher; negative entries are treated as 0).
+    tau
+        ``[G]`` precisions (finite and > 0 unless ``mode`` is a limit).
+    group_index
+        ``[P]`` group of each entry.
+    mode
+        The model's tau mode. ``"pooled"`` (tau = inf): one shared adapter with a flat prior,
+        so ``1 / sqrt(sum_d h_di)``, ``[P]``. ``"independent"`` (tau = 0): ``1 / sqrt(h_di)``,
+        where an entry without curvature has no finite sd; every precision is floored at
+        ``INDEPENDENT_PRECISION_FLOOR`` times the median precision of its group.
+
+    Returns
+    -------
+    ``[D, P]`` (``[P]`` when pooled) float32 sds.
+    """
+    h = curvature.double().clamp_min(0)
+    if mode == "pooled":
+        precision = h.sum(0)
+    elif mode == "independent":
+        precision = h
+    else:
+        precision = h + tau.double()[group_index]
+    if mode in ("pooled", "independent"):
+        floor = torch.zeros_like(precision)
+        for g in range(int(group_index.max()) + 1):
+            cols = group_index == g
+            values = precision[..., cols]
+            positive = values[values > 0]
+            median = positive.median() if positive.numel() else torch.ones((), dtype=values.dtype)
+            floor[..., cols] = INDEPENDENT_PRECISION_FLOOR * median
+        precision = torch.maximum(precision, floor)
+    return precision.rsqrt().float()
+
+
+@torch.no_grad()
 def variational_em_tau(
     loc: torch.Tensor,
     scale: torch.Tensor,
@@ -228,16 +330,21 @@ def optimise_svi(
     init_global: torch.Tensor,
     init_tasks: torch.Tensor | None = None,
     init_tau: torch.Tensor | None = None,
+    curvature: torch.Tensor | None = None,
     validate: Callable[[torch.Tensor], float] | None = None,
     checkpointing: Checkpointing | None = None,
     on_step: Callable[[dict[str, float], int], None] | None = None,
 ) -> FitState:
     """Maximise the ELBO of the mean-field guide (and, if learned, the ELBO in tau).
 
-    Parameters are those of `optimise_map` (``on_step`` included), plus ``init_tasks`` (``[D, P]`` initial locations,
-    e.g. a MAP fit's task adapters; default: ``init_global`` for every task) and ``init_tau``
-    (``[G]`` starting value of a learned tau); ``train`` also gives ``num_particles`` and
-    ``init_scale`` (see `SVIStepper`). ``validate`` is called with the posterior means.
+    Parameters are those of `optimise_map` (``on_step`` included), plus ``init_tasks``
+    (``[D, P]`` initial locations, e.g. a MAP fit's task adapters; default: ``init_global`` for
+    every task), ``init_tau`` (``[G]`` starting value of a learned tau) and ``curvature``
+    (``[D, P]``, for ``init_scale="laplace"``); ``train`` also gives ``num_particles``,
+    ``init_scale`` and ``scale_lr`` (see `SVIStepper`). ``validate`` is called with the
+    posterior means.
     """
-    stepper = SVIStepper(model, train, init_global=init_global, init_tasks=init_tasks, init_tau=init_tau)
+    stepper = SVIStepper(
+        model, train, init_global=init_global, init_tasks=init_tasks, init_tau=init_tau, curvature=curvature,
+    )
     return run_steps(stepper, batches, validate=validate, checkpointing=checkpointing, on_step=on_step)
