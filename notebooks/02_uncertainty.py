@@ -25,10 +25,11 @@
 # 4. evaluates the posterior-predictive test perplexity with intervals,
 # 5. writes the HTML report.
 #
-# A caution on short runs: SVI started from a MAP fit with the default `init_scale` and a few
-# dozen steps barely moves the posterior scales, so the posterior stays close to a point and its
-# intervals are too narrow (see `docs/map-vs-svi.md`). Read the intervals below as a demonstration
-# of the tools, not as calibrated uncertainty; longer runs are needed for that.
+# How the posterior starts: each posterior sd starts at the Laplace value `1 / sqrt(h + tau)`,
+# with `h` a Monte-Carlo estimate of the true Fisher of the task's training speeches at the MAP
+# adapters (`init_scale="laplace"`, the default), and the scales move with their own learning rate
+# (`scale_lr`). So even a short run reports intervals of the right order; they widen as a task's
+# training data shrink (see `docs/map-vs-svi.md` for the tiny-LM check against exact Laplace sds).
 #
 # Run time: the MAP fit of `bora demo`, about as long again for SVI, and one pass over the test
 # subset per posterior draw; on a CPU, expect a few times the run time of `bora demo`.
@@ -104,8 +105,8 @@ map_result
 #
 # `fit_svi(None, init=map_result)` reuses the MAP fit's corpus and train / validation / test split
 # (`data=None`) and its LoRA shape; the posterior locations start at the MAP adapters and the
-# posterior standard deviations at `init_scale` (default `1e-3`). Each step maximises the ELBO on a
-# minibatch (the KL term to the prior is analytic) and updates tau.
+# posterior standard deviations at the Laplace values (above). Each step maximises the ELBO on a
+# minibatch (the KL term to the prior is analytic) and updates tau by variational EM.
 #
 # `posterior_summary()` gives, per task: training speeches, the distance of the posterior mean to
 # the global adapter (absolute and relative to the global adapter's norm) and the mean posterior
