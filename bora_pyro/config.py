@@ -327,6 +327,11 @@ class TrainConfig(_Settings):
         ``"mlflow"``, ``"wandb"``, a list of them, or ``None``), the local folder they write
         to, and the run's name (default: the method and the start time, e.g.
         ``map-20250101-120000``); see `bora_pyro.tracking`.
+    packing
+        Lay each minibatch's ``batch_size`` documents end to end in rows (position ids
+        restarting and attention confined to each document) instead of padding each to the
+        longest: the same documents and the same likelihood, without computing padding.
+        Evaluation pads (it sorts documents by length, so little of it is padding).
     """
 
     kind: ClassVar[str] = "training setting"
@@ -376,6 +381,8 @@ class TrainConfig(_Settings):
                                        "file store, W&B offline runs)", metavar="DIR"))
     run_name: str | None = field(
         default=None, metadata=_help("name of the tracked run (default: the method and the start time)"))
+    packing: bool = field(
+        default=False, metadata=_help("pack each minibatch's documents end to end in rows instead of padding them"))
 
     def __post_init__(self) -> None:
         self.max_steps = checks.optional_positive_int("max_steps", self.max_steps, none_means="use epochs")
@@ -418,6 +425,8 @@ class TrainConfig(_Settings):
             raise ValueError("report_dir must be a folder name, got ''; the default is 'runs'.")
         if self.run_name is not None and (not isinstance(self.run_name, str) or not self.run_name.strip()):
             raise ValueError(f"run_name must be a non-empty string or None (the method and the time), got {self.run_name!r}.")
+        if not isinstance(self.packing, bool):
+            raise ValueError(f"packing must be True or False, got packing={self.packing!r}.")
 
     def total_steps(self, num_train_docs: int) -> int:
         """Optimiser steps of the run: ``max_steps``, else ``epochs`` (default 3) full passes of
