@@ -330,8 +330,10 @@ class TrainConfig(_Settings):
     packing
         Lay each minibatch's ``batch_size`` documents end to end in rows (position ids
         restarting and attention confined to each document) instead of padding each to the
-        longest: the same documents and the same likelihood, without computing padding.
-        Evaluation pads (it sorts documents by length, so little of it is padding).
+        longest: the same documents and the same likelihood, without computing padding (on
+        Shakespeare's speeches, 3x the real tokens per second of a padded step on the CPU).
+        Needs a base model with SDPA or eager attention (``False`` for others, e.g. flash
+        attention). Evaluation pads (it sorts documents by length, so little of it is padding).
     """
 
     kind: ClassVar[str] = "training setting"
@@ -382,7 +384,7 @@ class TrainConfig(_Settings):
     run_name: str | None = field(
         default=None, metadata=_help("name of the tracked run (default: the method and the start time)"))
     packing: bool = field(
-        default=False, metadata=_help("pack each minibatch's documents end to end in rows instead of padding them"))
+        default=True, metadata=_help("pack each minibatch's documents end to end in rows instead of padding them"))
 
     def __post_init__(self) -> None:
         self.max_steps = checks.optional_positive_int("max_steps", self.max_steps, none_means="use epochs")
