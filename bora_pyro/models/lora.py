@@ -68,9 +68,11 @@ class AdapterContext:
         self.counts: list[int] = []
 
     def state(self) -> tuple:
+        """Every attribute, to `restore` after a nested `MultiTaskLM.adapters_applied`."""
         return tuple(getattr(self, name) for name in self.__slots__)
 
     def restore(self, state: tuple) -> None:
+        """Set every attribute back to a `state`."""
         for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
 
