@@ -17,12 +17,23 @@ A step is forward + backward + optimiser step on one batch that mixes tasks:
          adapters, as `bora_pyro.evaluation.per_doc_nll` calls it, under ``no_grad``) against the
          base model's plain forward + the same token NLL on the same tokens.
 
+With ``--layouts padded packed`` the floor, MAP and SVI are also timed on *packed* batches
+(`bora_pyro.data.batches.collate_packed`: the same documents laid end to end in rows of about
+``--row-tokens`` tokens): the floor as people pack for one adapter (PEFT model, ``position_ids``
+restarting at every document, transformers' packed-sequence mask), MAP and SVI through
+`MultiTaskLM`'s per-token adapters. Every layout steps on the same documents, so *real tokens
+per second* (tokens that are not padding, over step time) compare them directly.
+
 The model is a randomly initialised ``LlamaForCausalLM`` with SmolLM2-135M's shape (no download;
-random weights time the same), LoRA on all seven projections. Batches: random token ids, every
-row full length, task ids spread over the tasks (each batch mixes them), fixed seed.
+random weights time the same), LoRA on all seven projections. Batches: ``--batch`` documents of
+random token ids, task ids spread over the tasks (each batch mixes them), fixed seed; every
+document ``--seq`` tokens long (``--lengths full``), or lengths drawn from the Shakespeare speech
+lengths of the demo's data capped at ``--seq`` (``--lengths shakespeare``, see
+`SHAKESPEARE_LENGTHS`; then ``--layouts`` defaults to both).
 
     python benchmarks/step_time.py                              # CPU-sized defaults
     python benchmarks/step_time.py --tasks 5 25 100 --json      # step time vs number of tasks
+    python benchmarks/step_time.py --lengths shakespeare --methods floor map   # padded vs packed
     python benchmarks/step_time.py --batch 64 --seq 256 --tasks 25 --rank 16 --dtype bf16  # GPU
 
 Every (method, task count) has its own copy of the base model (MAP, SVI and the BoRA eval,
@@ -44,8 +55,10 @@ Prints a table of medians and ratios to the floor; with ``--json`` the last line
 object: config, machine, ``median_s`` per method, ``map_ratio`` / ``svi_ratio`` /
 ``loop_ratio`` (step time / floor step time), ``eval_ratio`` (BoRA eval time / base eval time
 for the same tokens, i.e. base tokens/s over BoRA tokens/s), ``peak_mem_bytes`` per method
-(``memory_kind`` says what it is) and ``by_tasks`` (the same per ``--tasks`` value; the
-top-level values are those of the first one).
+(``memory_kind`` says what it is), ``tokens_per_s`` (real tokens per second of every timed
+method), ``real_fraction`` (real / computed tokens of each layout's batches),
+``packing_speedup`` (packed over padded real tokens per second, per method) and ``by_tasks``
+(the same per ``--tasks`` value; the top-level values are those of the first one).
 """
 
 from __future__ import annotations
@@ -63,13 +76,19 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bora_pyro.data import IGNORE_INDEX
+from bora_pyro.data.batches import DEFAULT_ROW_TOKENS, collate, collate_packed
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["floor", "loop", "map", "svi", "eval"]
+LAYOUTS = ["padded", "packed"]
+#: Methods that also run on packed batches (the loop runs one task's rows at a time, and
+#: evaluation pads: it sorts documents by length).
+PACKABLE = ("floor", "map", "svi")
 LABELS = {
     "floor": "floor: 1 PEFT LoRA",
     "loop": "paper-code loop (PEFT)",
@@ -78,22 +97,25 @@ LABELS = {
     "eval_base": "eval: base forward",
     "eval_bora": "eval: bora per-task NLL",
 }
+PACKED = "_packed"  # suffix of a method's name on packed batches
 ALPHA = 16.0
 LR = 1e-3
 
+#: Document lengths (SmolLM2 tokens of a speech + the start token) at every 2.5th percentile,
+#: 0 to 100, of the 2,620 speeches of the demo's 24 Shakespeare characters
+#: (`bora_pyro.data.DEFAULT_CHARACTERS`): median 20, 90th percentile 108, maximum 696.
+SHAKESPEARE_LENGTHS = (
+    3, 4, 5, 6, 6, 7, 7, 7, 8, 9, 9, 10, 11, 12, 12, 13, 14, 15, 16, 18, 20, 22, 23, 25, 28, 30,
+    32, 35, 38, 42, 47, 54, 61, 70, 81, 92, 108, 128, 158, 222, 696,
+)
 
-@dataclass
-class FakeBatch:
-    """What `bora_pyro.data.Batch` holds (input_ids, attention_mask, labels, task_ids, doc_index)."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    task_ids: torch.Tensor
-    doc_index: torch.Tensor
-
-    def to(self, device) -> "FakeBatch":
-        return FakeBatch(*(getattr(self, k).to(device) for k in self.__dataclass_fields__))
+def sample_lengths(count: int, cap: int, generator: torch.Generator) -> list[int]:
+    """``count`` document lengths from `SHAKESPEARE_LENGTHS` (inverse CDF, linear between the
+    percentiles), capped at ``cap`` as the corpus truncates at ``max_length``, at least 2."""
+    u = 100 * torch.rand(count, generator=generator, dtype=torch.float64).numpy()
+    lengths = np.interp(u, np.linspace(0, 100, len(SHAKESPEARE_LENGTHS)), SHAKESPEARE_LENGTHS)
+    return np.clip(np.rint(lengths), 2, cap).astype(int).tolist()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -103,7 +125,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 = autocast of the base model; adapters stay fp32")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=128,
+                   help="document length (--lengths full) or the cap of sampled lengths (max_length)")
+    p.add_argument("--lengths", choices=["full", "shakespeare"], default="full",
+                   help="every document --seq tokens, or lengths of the demo's Shakespeare speeches")
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=None,
+                   help="padded batches, packed ones, or both side by side (default: padded; both "
+                        "with --lengths shakespeare); packed runs the floor, MAP and SVI")
+    p.add_argument("--row-tokens", type=int, default=DEFAULT_ROW_TOKENS,
+                   help="token budget of a packed row")
     p.add_argument("--tasks", type=int, nargs="+", default=[8],
                    help="number(s) of tasks; several values time loop/map/svi/eval for each")
     p.add_argument("--rank", type=int, default=8)
@@ -126,7 +156,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true", help="print every step's time to stderr")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object last")
     args = p.parse_args(argv)
-    for name in ("batch", "seq", "rank", "steps", "layers", "hidden", "vocab", "rounds"):
+    for name in ("batch", "seq", "rank", "steps", "layers", "hidden", "vocab", "rounds", "row_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0 or any(d < 1 for d in args.tasks):
@@ -134,6 +164,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.seq < 2:
         p.error("--seq must be >= 2 (the loss predicts token t from tokens < t)")
     args.tasks = list(dict.fromkeys(args.tasks))
+    if args.layouts is None:
+        args.layouts = LAYOUTS if args.lengths == "shakespeare" else ["padded"]
+    args.layouts = [layout for layout in LAYOUTS if layout in args.layouts]
     return args
 
 
@@ -162,22 +195,27 @@ def build_template(args) -> torch.nn.Module:
     return model
 
 
-def make_batches(args, num_tasks: int, count: int, *, num_docs: int) -> list[FakeBatch]:
-    """``count`` batches of random full-length rows; task ids balanced and mixed in every batch
-    (every task present when ``D <= B``, ``B`` distinct tasks when ``D > B``)."""
+def make_batches(args, num_tasks: int, count: int, *, num_docs: int) -> dict[str, list]:
+    """``count`` batches of ``B`` random documents, in each layout of ``args.layouts`` (the same
+    documents in each): lengths ``--seq`` or drawn by `sample_lengths`, every token scored but
+    the first; task ids balanced and mixed in every batch (every task present when ``D <= B``,
+    ``B`` distinct tasks when ``D > B``)."""
     g = torch.Generator().manual_seed(args.seed + 1000 * num_tasks)
     B, L = args.batch, args.seq
-    out = []
+    out: dict[str, list] = {layout: [] for layout in args.layouts}
     for _ in range(count):
-        ids = torch.randint(3, args.vocab, (B, L), generator=g)
-        labels = ids.clone()
-        labels[:, 0] = IGNORE_INDEX
+        lengths = [L] * B if args.lengths == "full" else sample_lengths(B, L, g)
+        docs = [torch.randint(3, args.vocab, (n,), generator=g).numpy() for n in lengths]
         if num_tasks >= B:
             task_ids = torch.randperm(num_tasks, generator=g)[:B]
         else:
             task_ids = (torch.arange(B) % num_tasks)[torch.randperm(B, generator=g)]
-        doc_index = torch.randperm(num_docs, generator=g)[:B]
-        out.append(FakeBatch(ids, torch.ones_like(ids), labels, task_ids, doc_index))
+        doc_index = torch.randperm(num_docs, generator=g)[:B].numpy()
+        parts = (docs, np.ones(B, dtype=np.int64), task_ids, doc_index)
+        if "padded" in out:
+            out["padded"].append(collate(*parts, pad_token_id=0))
+        if "packed" in out:
+            out["packed"].append(collate_packed(*parts, pad_token_id=0, row_tokens=args.row_tokens))
     return out
 
 
@@ -211,8 +249,12 @@ def build_floor(args, device, base, num_tasks, first):
     def step(batch):
         opt.zero_grad(set_to_none=True)
         with amp():
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         labels=batch.labels, use_cache=False).loss
+            if batch.packed:  # padding-free, as TRL does for one adapter: transformers' mask from position_ids
+                loss = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                             labels=batch.labels, use_cache=False).loss
+            else:
+                loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             labels=batch.labels, use_cache=False).loss
         loss.backward()
         opt.step()
 
@@ -352,7 +394,16 @@ BUILDERS: dict[str, Callable] = {
     "eval_base": build_eval_base, "eval_bora": build_eval_bora,
 }
 #: Units that wrap the base model the same way may share one copy when held side by side.
-SHARED_BASE = {"map", "svi", "eval_bora"}
+SHARED_BASE = {"map", "svi", "eval_bora", "map" + PACKED, "svi" + PACKED}
+
+
+def _layout(method: str) -> str:
+    return "packed" if method.endswith(PACKED) else "padded"
+
+
+def _kind(method: str) -> str:
+    """The method without its layout suffix (``map_packed`` -> ``map``)."""
+    return method.removesuffix(PACKED)
 
 
 def _num_docs(args, num_tasks):
@@ -414,7 +465,7 @@ class Unit:
     def __init__(self, args, device, method, num_tasks, batches, base):
         self.method, self.num_tasks, self.batches = method, num_tasks, batches
         self.device, self.verbose = device, args.verbose
-        self.step, self.opt, self.keep = BUILDERS[method](args, device, base, num_tasks, batches[0])
+        self.step, self.opt, self.keep = BUILDERS[_kind(method)](args, device, base, num_tasks, batches[0])
         self.base = base
 
     def run(self, i: int, record: dict | None) -> None:
@@ -433,6 +484,7 @@ class Unit:
                   f"{seconds:.3f} s", file=sys.stderr, flush=True)
         if record is not None:
             record["times"].append(seconds)
+            record["tokens"].append(int(self.batches[i].attention_mask.sum()))
             if device.type == "cuda":
                 record["peak"] = max(record["peak"], torch.cuda.max_memory_allocated(device))
 
@@ -445,7 +497,7 @@ def run_units(args, device, template, plan, batches, out, profiles, *, interleav
     of the base model, warmed up, timed, freed), or all held at once and stepped in turn."""
 
     def record(key):
-        return out.setdefault(key, {"times": [], "peak": 0, "state": 0})
+        return out.setdefault(key, {"times": [], "tokens": [], "peak": 0, "state": 0})
 
     def finish(unit):
         rec = record((unit.method, unit.num_tasks))
@@ -460,7 +512,7 @@ def run_units(args, device, template, plan, batches, out, profiles, *, interleav
     if not interleaved:
         for method, D in plan:
             _free(device)
-            unit = Unit(args, device, method, D, batches[D], copy.deepcopy(template).to(device))
+            unit = Unit(args, device, method, D, batches[D][_layout(method)], copy.deepcopy(template).to(device))
             for i in range(n):
                 unit.run(i, record((method, D)) if i >= args.warmup else None)
             finish(unit)
@@ -476,7 +528,7 @@ def run_units(args, device, template, plan, batches, out, profiles, *, interleav
             base = shared
         else:
             base = copy.deepcopy(template).to(device)
-        units.append(Unit(args, device, method, D, batches[D], base))
+        units.append(Unit(args, device, method, D, batches[D][_layout(method)], base))
         del base
     for i in range(args.warmup):
         for unit in units:
@@ -523,11 +575,20 @@ def _load_avg() -> float | None:
 
 
 def _name(method: str, num_tasks: int) -> str:
-    return method if method in ("floor", "eval_base") else f"{method}@{num_tasks}"
+    return method if _kind(method) in ("floor", "eval_base") else f"{method}@{num_tasks}"
 
 
 def _median(rec) -> float | None:
     return statistics.median(rec["times"]) if rec and rec["times"] else None
+
+
+def _tokens_per_s(rec) -> float | None:
+    """Real (not padding) tokens of the timed steps over their total time."""
+    return sum(rec["tokens"]) / sum(rec["times"]) if rec and rec["times"] else None
+
+
+def _real_fraction(batches: list) -> float:
+    return sum(int(b.attention_mask.sum()) for b in batches) / sum(b.attention_mask.numel() for b in batches)
 
 
 def _ratio(a, b) -> float | None:
@@ -549,14 +610,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
     template = build_template(args)
     n_batches = args.warmup + args.steps
-    batches = {D: [b.to(device) for b in make_batches(args, D, n_batches, num_docs=_num_docs(args, D))]
-               for D in args.tasks}
+    batches = {
+        D: {layout: [b.to(device) for b in made]
+            for layout, made in make_batches(args, D, n_batches, num_docs=_num_docs(args, D)).items()}
+        for D in args.tasks
+    }
     D0 = args.tasks[0]
     plan = []  # (method, task count); the floor and the base model's eval do not depend on it
-    for method in ("floor", "loop", "map", "svi"):
-        if method in args.methods:
-            plan += [(method, D) for D in ([D0] if method == "floor" else args.tasks)]
-    if "eval" in args.methods:
+    for layout in args.layouts:
+        for method in ("floor", "loop", "map", "svi"):
+            if method in args.methods and (layout == "padded" or method in PACKABLE):
+                name = method + (PACKED if layout == "packed" else "")
+                plan += [(name, D) for D in ([D0] if method == "floor" else args.tasks)]
+    if "eval" in args.methods and "padded" in args.layouts:
         plan += [("eval_base", D0)] + [("eval_bora", D) for D in args.tasks]
     interleaved = args.schedule == "interleaved" or (args.schedule == "auto" and device.type != "cuda")
     out: dict = {}
@@ -574,12 +640,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         memory_kind = ("torch.cuda.max_memory_allocated during the method's steps, only its model "
                        "resident (includes its copy of the base model's weights)")
     floor = _median(out.get(("floor", D0)))
+    floor_packed = _median(out.get(("floor" + PACKED, D0)))
     base_eval = _median(out.get(("eval_base", D0)))
-    tokens = args.batch * args.seq
+    trained = ("floor", "loop", "map", "svi") + tuple(m + PACKED for m in PACKABLE)
     by_tasks = {}
     for D in args.tasks:
-        med = {m: _median(out.get((m, D))) for m in ("loop", "map", "svi")}
-        med["floor"] = floor
+        def key(m):
+            return (m, D0 if _kind(m) == "floor" else D)
+
+        med = {m: _median(out.get(key(m))) for m in trained}
         bora_eval = _median(out.get(("eval_bora", D)))
         entry = {
             "median_s": {k: v for k, v in med.items() if v is not None},
@@ -587,25 +656,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "map_ratio": _ratio(med["map"], floor),
             "svi_ratio": _ratio(med["svi"], floor),
             "eval_ratio": _ratio(bora_eval, base_eval),
-            "peak_mem_bytes": {m: out[(m, D0 if m == "floor" else D)]["peak"]
-                               for m in ("floor", "loop", "map", "svi")
-                               if (m, D0 if m == "floor" else D) in out},
+            "peak_mem_bytes": {m: out[key(m)]["peak"] for m in trained if key(m) in out},
+            "tokens_per_s": {m: _tokens_per_s(out[key(m)]) for m in trained if key(m) in out},
         }
+        if floor_packed is not None:
+            entry["map_ratio_packed"] = _ratio(med["map" + PACKED], floor_packed)
+            entry["svi_ratio_packed"] = _ratio(med["svi" + PACKED], floor_packed)
+        tps = entry["tokens_per_s"]
+        entry["packing_speedup"] = {m: tps[m + PACKED] / tps[m] for m in PACKABLE if m in tps and m + PACKED in tps}
         if bora_eval is not None:
-            entry["eval_tokens_per_s"] = {"base": tokens / base_eval, "bora": tokens / bora_eval}
+            entry["eval_tokens_per_s"] = {"base": _tokens_per_s(out[("eval_base", D0)]),
+                                          "bora": _tokens_per_s(out[("eval_bora", D)])}
             entry["median_s"]["eval_base"] = base_eval
             entry["median_s"]["eval_bora"] = bora_eval
         by_tasks[str(D)] = entry
     first = by_tasks[str(args.tasks[0])]
     result = {
         "config": {k: getattr(args, k) for k in (
-            "dtype", "batch", "seq", "tasks", "rank", "steps", "warmup", "rounds", "layers", "hidden",
-            "vocab", "tau", "methods", "seed")}
+            "dtype", "batch", "seq", "lengths", "layouts", "row_tokens", "tasks", "rank", "steps", "warmup",
+            "rounds", "layers", "hidden", "vocab", "tau", "methods", "seed")}
         | {"alpha": ALPHA, "targets": TARGETS, "schedule": "interleaved" if interleaved else "sequential"},
         "machine": machine_info(device),
         "memory_kind": memory_kind,
         **{k: first[k] for k in ("median_s", "loop_ratio", "map_ratio", "svi_ratio", "eval_ratio",
-                                 "peak_mem_bytes")},
+                                 "peak_mem_bytes", "tokens_per_s", "packing_speedup")},
+        **{k: first[k] for k in ("map_ratio_packed", "svi_ratio_packed") if k in first},
+        "real_fraction": {layout: _real_fraction(batches[D0][layout]) for layout in args.layouts},
         "by_tasks": by_tasks,
         "state_bytes": {_name(*key): rec["state"] for key, rec in out.items() if rec["state"]},
         "times_s": {_name(*key): rec["times"] for key, rec in out.items()},
@@ -625,32 +701,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def print_table(args, device, result, out, floor, base_eval, profiles) -> None:
     m = result["machine"]
+    lengths = "full length" if args.lengths == "full" else "Shakespeare lengths capped at"
+    fractions = ", ".join(f"{k} {v:.2f}" for k, v in result["real_fraction"].items())
     print(f"\nLlama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; LoRA r={args.rank} on "
-          f"{len(TARGETS)} projections; batch {args.batch} x {args.seq}, {args.dtype}; "
+          f"{len(TARGETS)} projections; batch {args.batch} documents, {lengths} {args.seq}, {args.dtype}; "
+          f"real / computed tokens: {fractions}; "
           f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s), "
           f"{result['config']['schedule']}; "
           f"{m['device']} ({m['device_name']}), torch {m['torch']}, {m['threads']} threads; "
           f"total {result['elapsed_s']:.0f} s")
     mem_unit = "peak alloc MiB" if device.type == "cuda" else "state MiB"
-    print(f"\n| method | tasks | median s | / floor | {mem_unit} |")
-    print("|---|---:|---:|---:|---:|")
+    floors = {"padded": floor, "packed": _median(out.get(("floor" + PACKED, args.tasks[0])))}
+    print(f"\n| method | layout | tasks | median s | real tokens/s | / floor (same layout) | {mem_unit} |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for (method, D), rec in out.items():
-        med = _median(rec)
+        med, layout = _median(rec), _layout(method)
         if method.startswith("eval"):
-            ref = base_eval
-            mem = ""
-            extra = f" ({args.batch * args.seq / med:,.0f} tok/s)"
+            ref, mem, note = base_eval, "", " (vs base)"
         else:
-            ref = floor
-            mem = f"{rec['peak'] / 2**20:.1f}"
-            extra = ""
+            ref, mem, note = floors[layout], f"{rec['peak'] / 2**20:.1f}", ""
         ratio = _ratio(med, ref)
-        ratio_s = "" if ratio is None else f"{ratio:.2f}" + (" (vs base)" if method.startswith("eval") else "")
-        shown = "-" if method in ("floor", "eval_base") and len(args.tasks) > 1 else D
-        print(f"| {LABELS[method]} | {shown} | {med:.4f}{extra} | {ratio_s} | {mem} |")
+        ratio_s = "" if ratio is None else f"{ratio:.2f}{note}"
+        shown = "-" if _kind(method) in ("floor", "eval_base") and len(args.tasks) > 1 else D
+        print(f"| {LABELS[_kind(method)]} | {layout} | {shown} | {med:.4f} | {_tokens_per_s(rec):,.0f} | "
+              f"{ratio_s} | {mem} |")
+    if result["packing_speedup"]:
+        speedups = ", ".join(f"{LABELS[k]} {v:.2f}x" for k, v in result["packing_speedup"].items())
+        print(f"\npacked / padded real tokens per second ({args.tasks[0]} tasks): {speedups}")
     for (method, D), rows in profiles.items():
-        tasks = "" if method == "floor" else f" ({D} tasks)"
-        print(f"\nprofile of one {LABELS[method]} step{tasks}, top ops by self CPU time:")
+        tasks = "" if _kind(method) == "floor" else f" ({D} tasks)"
+        print(f"\nprofile of one {LABELS[_kind(method)]} step ({_layout(method)}){tasks}, top ops by self CPU time:")
         for r in rows:
             dev = f"  self {r['self_device_ms']:9.2f} ms on device" if "self_device_ms" in r else ""
             print(f"  {r['op'][:48]:48s} {r['self_cpu_ms']:9.2f} ms  {100 * r['self_cpu_share']:5.1f}%"

@@ -367,6 +367,13 @@ class TrainConfig(_Settings):
     laplace_passes
         SVI with ``init_scale="laplace"``: passes over the training documents (one forward and
         backward pass each, with labels sampled from the model) to estimate the Fisher ``h``.
+    packing
+        Lay each minibatch's ``batch_size`` documents end to end in rows (position ids
+        restarting and attention confined to each document) instead of padding each to the
+        longest: the same documents and the same likelihood, without computing padding (on
+        Shakespeare's speeches, 3x the real tokens per second of a padded step on the CPU).
+        Needs a base model with SDPA or eager attention (``False`` for others, e.g. flash
+        attention). Evaluation pads (it sorts documents by length, so little of it is padding).
     """
 
     kind: ClassVar[str] = "training setting"
@@ -423,6 +430,8 @@ class TrainConfig(_Settings):
         default=0.02, metadata=_help("SVI: learning rate of the log posterior sds (a relative change per step)"))
     laplace_passes: int = field(
         default=2, metadata=_help("SVI, init_scale 'laplace': passes over the training documents for the Fisher"))
+    packing: bool = field(
+        default=True, metadata=_help("pack each minibatch's documents end to end in rows instead of padding them"))
 
     def __post_init__(self) -> None:
         self.max_steps = checks.optional_positive_int("max_steps", self.max_steps, none_means="use epochs")
@@ -467,6 +476,8 @@ class TrainConfig(_Settings):
             raise ValueError(f"run_name must be a non-empty string or None (the method and the time), got {self.run_name!r}.")
         self.scale_lr = checks.positive_number("scale_lr", self.scale_lr)
         self.laplace_passes = checks.positive_int("laplace_passes", self.laplace_passes)
+        if not isinstance(self.packing, bool):
+            raise ValueError(f"packing must be True or False, got packing={self.packing!r}.")
 
     def total_steps(self, num_train_docs: int) -> int:
         """Optimiser steps of the run: ``max_steps``, else ``epochs`` (default 3) full passes of

@@ -64,3 +64,26 @@ def test_methods_subset(step_time, capsys):
     assert set(result["median_s"]) == {"floor", "map"}
     assert _positive(result["map_ratio"])
     assert result["loop_ratio"] is None and result["svi_ratio"] is None and result["eval_ratio"] is None
+
+
+def test_padded_and_packed_side_by_side_on_shakespeare_lengths(step_time, capsys):
+    result = step_time.main([*TINY, "--seq", "64", "--batch", "8", "--tasks", "3", "--lengths", "shakespeare",
+                             "--methods", "floor", "map"])
+    capsys.readouterr()
+    assert result["config"]["layouts"] == ["padded", "packed"]
+    for key in ("floor", "map", "floor_packed", "map_packed"):
+        assert _positive(result["tokens_per_s"][key]), key
+    assert set(result["packing_speedup"]) == {"floor", "map"}
+    assert all(_positive(v) for v in result["packing_speedup"].values())
+    assert _positive(result["map_ratio_packed"])
+    # packed rows hold the same documents without the padding
+    assert result["real_fraction"]["packed"] > 0.9 > result["real_fraction"]["padded"]
+
+
+def test_sampled_lengths_follow_the_shakespeare_histogram(step_time):
+    import torch
+
+    lengths = step_time.sample_lengths(20_000, 128, torch.Generator().manual_seed(0))
+    assert min(lengths) >= 2 and max(lengths) == 128
+    q50, q90 = sorted(lengths)[10_000], sorted(lengths)[18_000]
+    assert 18 <= q50 <= 22 and 100 <= q90 <= 116  # the demo's data: median 20, p90 108

@@ -1,6 +1,7 @@
-"""Padded batches of documents that mix tasks, and the collation that builds them.
+"""Batches of documents that mix tasks, padded or packed, and the collation that builds them.
 
-Token layout of one document of length ``n`` in a batch of width ``L`` (``n <= L``)::
+**Padded** (`collate`): one document per row. Token layout of a document of length ``n`` in a
+batch of width ``L`` (``n <= L``)::
 
     position   0        1 .. s-1        s .. n-1                  n .. L-1
     input_ids  <start>  prompt tokens   text / completion tokens  pad
@@ -11,39 +12,67 @@ Token layout of one document of length ``n`` in a batch of width ``L`` (``n <= L
 prompt/completion mode) and ``IGNORE`` is :data:`IGNORE_INDEX`. Labels follow the Hugging Face
 convention: aligned with ``input_ids``, shifted inside the causal LM, so the logits at position
 ``j - 1`` are scored against ``labels[j]``.
+
+**Packed** (`collate_packed`): the same ``B`` documents laid end to end in fewer rows, each
+document keeping the layout above, then padding at the end of each row only::
+
+    row 0      [doc 3 ......][doc 0 ...][doc 5 .][pad]
+    row 1      [doc 1 ........][doc 2 .....][doc 4 ]
+    positions  0 1 .. n3-1   0 1 .. n0-1 0 ..     0 ..
+    segments   0 0 .. 0      1 1 .. 1    2 ..     -1        (index into the batch's documents)
+
+``position_ids`` restart at 0 with every document, ``segment_ids`` say which of the batch's
+documents each token belongs to (``-1`` at padding), and the model attends only within a
+segment (`bora_pyro.models.lora.MultiTaskLM` builds the block-diagonal causal mask). Position 0
+of every document is its start token, whose label is ``IGNORE``: the first token of a document
+is never predicted from the previous one. ``task_ids`` and ``doc_index`` stay per document, so a
+packed batch of ``B`` documents is the same minibatch as the padded one, laid out differently.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-__all__ = ["IGNORE_INDEX", "Batch", "collate"]
+from ..checks import positive_int
+
+__all__ = ["IGNORE_INDEX", "DEFAULT_ROW_TOKENS", "Batch", "collate", "collate_packed", "pack_rows"]
 
 #: Label value of positions that are not scored (the value ignored by torch's cross-entropy).
 IGNORE_INDEX: int = -100
 
+#: Token budget of one packed row (`collate_packed`), unless a document is longer.
+DEFAULT_ROW_TOKENS: int = 512
+
 
 @dataclass
 class Batch:
-    """A padded batch of documents that may mix tasks.
+    """A batch of ``B`` documents that may mix tasks, padded (one per row) or packed.
 
     Attributes
     ----------
     input_ids : torch.LongTensor
-        ``[B, L]`` token ids, right-padded with the corpus pad id; ``L`` is the length of the
-        longest document in the batch.
+        ``[R, L]`` token ids, right-padded with the corpus pad id. Padded: ``R = B`` rows and
+        ``L`` the longest document. Packed: ``R <= B`` rows of documents laid end to end.
     attention_mask : torch.LongTensor
-        ``[B, L]``; 1 at real tokens, 0 at padding.
+        ``[R, L]``; 1 at real tokens, 0 at padding.
     labels : torch.LongTensor
-        ``[B, L]``; the token id at scored positions, :data:`IGNORE_INDEX` elsewhere (padding,
-        prompt tokens and the start token). Aligned with ``input_ids`` (the model shifts).
+        ``[R, L]``; the token id at scored positions, :data:`IGNORE_INDEX` elsewhere (padding,
+        prompt tokens and each document's start token). Aligned with ``input_ids`` (the model
+        shifts).
     task_ids : torch.LongTensor
-        ``[B]`` task id of each row (index into :attr:`TaskCorpus.tasks`).
+        ``[B]`` task id of each document (index into :attr:`TaskCorpus.tasks`).
     doc_index : torch.LongTensor
-        ``[B]`` index of each row's document within its split, in ``0 .. num_docs - 1``.
+        ``[B]`` index of each document within its split, in ``0 .. num_docs - 1``.
+    position_ids : torch.LongTensor or None
+        Packed only: ``[R, L]`` position of each token within its own document (0 at each
+        document's start token; 0 at padding).
+    segment_ids : torch.LongTensor or None
+        Packed only: ``[R, L]`` which of the batch's documents each token belongs to (``b`` in
+        ``0 .. B - 1``, so its task is ``task_ids[b]``), ``-1`` at padding.
     """
 
     input_ids: torch.Tensor
@@ -51,24 +80,55 @@ class Batch:
     labels: torch.Tensor
     task_ids: torch.Tensor
     doc_index: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         """Return a copy of the batch with every tensor moved to ``device``."""
         return Batch(
             **{
-                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                f.name: None if getattr(self, f.name) is None
+                else getattr(self, f.name).to(device, non_blocking=non_blocking)
                 for f in fields(self)
             }
         )
 
     def __len__(self) -> int:
-        """Number of rows ``B``."""
+        """Number of documents ``B`` (the rows of a padded batch)."""
+        return int(self.doc_index.shape[0])
+
+    @property
+    def packed(self) -> bool:
+        """Whether the documents are packed (several per row), see `collate_packed`."""
+        return self.segment_ids is not None
+
+    @property
+    def num_rows(self) -> int:
+        """Number of rows ``R`` of ``input_ids``."""
         return int(self.input_ids.shape[0])
 
     @property
     def num_scored_tokens(self) -> int:
         """Number of scored positions (labels not equal to :data:`IGNORE_INDEX`)."""
         return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def real_fraction(self) -> float:
+        """Real tokens over computed positions, ``attention_mask.sum() / (R * L)``."""
+        return float(self.attention_mask.sum()) / max(1, self.attention_mask.numel())
+
+
+def _document_arrays(documents, label_starts, task_ids, doc_index):
+    if not documents:
+        raise ValueError("collate(): documents is empty; pass at least one document.")
+    starts = np.asarray(label_starts).reshape(-1).tolist()
+    if len(starts) != len(documents) or len(task_ids) != len(documents):
+        raise ValueError(
+            f"collate(): {len(documents)} documents need as many label_starts and task_ids, got "
+            f"{len(starts)} and {len(task_ids)}."
+        )
+    index = torch.from_numpy(np.array(doc_index, dtype=np.int64).reshape(-1))
+    return starts, index
 
 
 def collate(
@@ -78,8 +138,9 @@ def collate(
     doc_index: np.ndarray,
     *,
     pad_token_id: int,
+    scored: list[np.ndarray] | None = None,
 ) -> Batch:
-    """Right-pad ``B`` documents into one :class:`Batch` (dynamic padding).
+    """Right-pad ``B`` documents into one :class:`Batch`, one per row (dynamic padding).
 
     Parameters
     ----------
@@ -93,30 +154,132 @@ def collate(
         ``[B]`` index of each document within its split.
     pad_token_id : int
         Id written at padded positions of ``input_ids``.
+    scored : list of numpy.ndarray, optional
+        ``B`` boolean arrays, one per document and of its length: only positions marked ``True``
+        are scored (e.g. the assistant turns of a conversation); ``None`` scores every position
+        from ``label_starts[b]`` on.
 
     Returns
     -------
     Batch
         Of width ``L = max(len(d) for d in documents)``; row ``b`` holds ``documents[b]``, its
-        labels are the tokens from ``label_starts[b]`` on and :data:`IGNORE_INDEX` elsewhere.
+        labels are the tokens from ``label_starts[b]`` on (where ``scored`` allows) and
+        :data:`IGNORE_INDEX` elsewhere.
     """
-    if not documents:
-        raise ValueError("collate(): documents is empty; pass at least one document.")
+    starts, index = _document_arrays(documents, label_starts, task_ids, doc_index)
     width = max(len(doc) for doc in documents)
     rows = len(documents)
     input_ids = np.full((rows, width), pad_token_id, dtype=np.int64)
     labels = np.full((rows, width), IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros((rows, width), dtype=np.int64)
-    starts = np.asarray(label_starts).tolist()
     for row, (doc, start) in enumerate(zip(documents, starts, strict=True)):
         length = len(doc)
         input_ids[row, :length] = doc
         attention_mask[row, :length] = 1
         labels[row, start:length] = doc[start:]
+        if scored is not None:
+            labels[row, :length][~scored[row]] = IGNORE_INDEX
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention_mask),
         labels=torch.from_numpy(labels),
         task_ids=task_ids,
-        doc_index=torch.from_numpy(np.array(doc_index, dtype=np.int64).reshape(-1)),
+        doc_index=index,
+    )
+
+
+def pack_rows(lengths: list[int] | np.ndarray, row_tokens: int) -> list[list[int]]:
+    """Assign documents of the given lengths to as few rows of ``row_tokens`` as first-fit
+    decreasing finds, then balance the rows.
+
+    The row count ``R`` is that of first-fit decreasing with capacity
+    ``C = max(row_tokens, max(lengths))``; the documents are then dealt longest first to the
+    least-filled of the ``R`` rows (which evens the rows out, so that less of the widest row is
+    padding), unless that overfills a row, in which case the first-fit rows are kept.
+
+    Returns
+    -------
+    list of list of int
+        ``R`` rows, each the indices (into ``lengths``) of its documents, in packing order.
+    """
+    lengths = [int(n) for n in lengths]
+    capacity = max(positive_int("row_tokens", row_tokens), max(lengths))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    first_fit: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
+            first_fit.append([])
+            free.append(capacity)
+            row = len(free) - 1
+        first_fit[row].append(i)
+        free[row] -= lengths[i]
+    balanced: list[list[int]] = [[] for _ in first_fit]
+    heap = [(0, r) for r in range(len(first_fit))]
+    for i in order:
+        fill, r = heapq.heappop(heap)
+        balanced[r].append(i)
+        heapq.heappush(heap, (fill + lengths[i], r))
+    return balanced if max(fill for fill, _ in heap) <= capacity else first_fit
+
+
+def collate_packed(
+    documents: list[np.ndarray],
+    label_starts: np.ndarray,
+    task_ids: torch.Tensor,
+    doc_index: np.ndarray,
+    *,
+    pad_token_id: int,
+    row_tokens: int = DEFAULT_ROW_TOKENS,
+    scored: list[np.ndarray] | None = None,
+) -> Batch:
+    """Pack ``B`` documents end to end into rows of about ``row_tokens`` tokens (see module docs).
+
+    Parameters
+    ----------
+    documents, label_starts, task_ids, doc_index, pad_token_id, scored
+        As in `collate`.
+    row_tokens : int, default DEFAULT_ROW_TOKENS
+        Token budget of a row (a longer document gets a row of its own length); the rows are
+        chosen by `pack_rows`.
+
+    Returns
+    -------
+    Batch
+        With ``position_ids`` and ``segment_ids``; ``task_ids[b]`` and ``doc_index[b]`` belong to
+        ``documents[b]``, whose tokens are where ``segment_ids == b``. Its labels are those of
+        `collate` (so each document's start token is not scored), and its width is the fullest
+        row's length.
+    """
+    starts, index = _document_arrays(documents, label_starts, task_ids, doc_index)
+    lengths = [len(doc) for doc in documents]
+    rows = pack_rows(lengths, row_tokens)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = np.full(shape, pad_token_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros(shape, dtype=np.int64)
+    position_ids = np.zeros(shape, dtype=np.int64)
+    segment_ids = np.full(shape, -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for b in row:
+            doc, n, start = documents[b], lengths[b], starts[b]
+            input_ids[r, at : at + n] = doc
+            labels[r, at + start : at + n] = doc[start:]
+            if scored is not None:
+                labels[r, at : at + n][~scored[b]] = IGNORE_INDEX
+            attention_mask[r, at : at + n] = 1
+            position_ids[r, at : at + n] = np.arange(n)
+            segment_ids[r, at : at + n] = b
+            at += n
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(attention_mask),
+        labels=torch.from_numpy(labels),
+        task_ids=task_ids,
+        doc_index=index,
+        position_ids=torch.from_numpy(position_ids),
+        segment_ids=torch.from_numpy(segment_ids),
     )

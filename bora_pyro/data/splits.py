@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..checks import non_negative_int, positive_int
-from .batches import IGNORE_INDEX, Batch, collate
+from .batches import DEFAULT_ROW_TOKENS, IGNORE_INDEX, Batch, collate, collate_packed
 
 __all__ = ["SPLIT_NAMES", "TaskSplit", "assign_splits", "split_sizes"]
 
@@ -219,19 +219,31 @@ class TaskSplit:
 
     # -- batching -----------------------------------------------------------------------------
 
-    def batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> Batch:
-        """Collate the documents ``indices`` into one right-padded :class:`Batch`.
+    def batch(
+        self,
+        indices: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        pack: bool = False,
+        row_tokens: int = DEFAULT_ROW_TOKENS,
+    ) -> Batch:
+        """Collate the documents ``indices`` into one :class:`Batch`, padded or packed.
 
         Parameters
         ----------
         indices : sequence of int, numpy array or torch.LongTensor
             ``[B]`` document indices in ``0 .. num_docs - 1`` (e.g. the subsample indices of a
             ``pyro.plate`` over documents). Repeats are allowed.
+        pack : bool, default False
+            Lay the documents end to end in rows of about ``row_tokens`` tokens
+            (`~bora_pyro.data.batches.collate_packed`) instead of one right-padded row each.
+        row_tokens : int
+            Token budget of a packed row.
 
         Returns
         -------
         Batch
-            With ``L`` = the longest selected document (dynamic padding).
+            Of the ``B`` documents in the given order; padded: ``L`` = the longest selected
+            document (dynamic padding).
         """
         if isinstance(indices, torch.Tensor):
             idx = indices.detach().cpu().numpy().astype(np.int64).reshape(-1)
@@ -246,19 +258,14 @@ class TaskSplit:
                 f"{self.num_docs} documents; valid indices are 0 .. {self.num_docs - 1}."
             )
         documents = [self._tokens[self._offsets[i] : self._offsets[i + 1]] for i in idx.tolist()]
-        batch = collate(
-            documents,
-            self._label_starts[idx],
-            self.task_ids[torch.from_numpy(idx)],
-            idx,
-            pad_token_id=self.pad_token_id,
-        )
-        if self._scored is not None:  # scored only where the mask says (assistant turns)
-            keep = np.zeros(tuple(batch.labels.shape), dtype=bool)
-            for row, i in enumerate(idx.tolist()):
-                keep[row, : self.lengths[i]] = self._scored[self._offsets[i] : self._offsets[i + 1]]
-            batch.labels[~torch.from_numpy(keep)] = IGNORE_INDEX
-        return batch
+        args = (documents, self._label_starts[idx], self.task_ids[torch.from_numpy(idx)], idx)
+        # scored only where the mask says (e.g. the assistant turns of a conversation)
+        scored = None if self._scored is None else [
+            self._scored[self._offsets[i] : self._offsets[i + 1]] for i in idx.tolist()
+        ]
+        if pack:
+            return collate_packed(*args, pad_token_id=self.pad_token_id, row_tokens=row_tokens, scored=scored)
+        return collate(*args, pad_token_id=self.pad_token_id, scored=scored)
 
     def batches(
         self,
@@ -268,6 +275,8 @@ class TaskSplit:
         generator: torch.Generator | None = None,
         drop_last: bool = False,
         sort_by_length: bool = False,
+        pack: bool = False,
+        row_tokens: int = DEFAULT_ROW_TOKENS,
     ) -> Iterator[Batch]:
         """Iterate once over all documents in batches that mix tasks.
 
@@ -285,6 +294,11 @@ class TaskSplit:
         sort_by_length : bool, default False
             Visit documents from longest to shortest, which minimises padding for evaluation.
             Cannot be combined with ``shuffle``.
+        pack, row_tokens : bool, int
+            Pack each batch's ``batch_size`` documents into rows (see `batch`). The documents of
+            a batch are the same with and without packing: a batch is always ``batch_size``
+            documents, never a token budget, so a training step's likelihood scaling ``N / B``
+            does not change.
 
         Yields
         ------
@@ -306,7 +320,7 @@ class TaskSplit:
             order = np.arange(self.num_docs)
         stop = self.num_docs - (self.num_docs % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            yield self.batch(order[start : start + batch_size])
+            yield self.batch(order[start : start + batch_size], pack=pack, row_tokens=row_tokens)
 
     # -- subsets ------------------------------------------------------------------------------
 

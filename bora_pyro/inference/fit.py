@@ -333,7 +333,8 @@ class _Run:
     validate: Callable[[torch.Tensor], tuple[float, dict[str, float]]] | None
 
     def batches(self) -> _EndlessBatches:
-        return _endless_batches(self.train, self.settings.train.batch_size, self.settings.train.seed)
+        train = self.settings.train
+        return _endless_batches(self.train, train.batch_size, train.seed, pack=train.packing)
 
     def record(self, method: str, **extra: Any) -> dict:
         """The fit's ``fit_args``: the data and training settings (the model's are the result's
@@ -441,18 +442,20 @@ def _prepare(
                 train.total_steps(N), validate)
 
 
-def _endless_batches(split, batch_size: int, seed: int) -> _EndlessBatches:
+def _endless_batches(split, batch_size: int, seed: int, *, pack: bool = False) -> _EndlessBatches:
     """Shuffled epochs over the training documents, mixing tasks; full batches only, so that
-    every minibatch is a uniform random subset of B documents (the N / B scaling is unbiased)."""
-    return _EndlessBatches(split, batch_size, seed)
+    every minibatch is a uniform random subset of B documents (the N / B scaling is unbiased).
+    ``pack`` lays each minibatch's B documents end to end in rows: the same documents, so the
+    same estimate, without the padding."""
+    return _EndlessBatches(split, batch_size, seed, pack=pack)
 
 
 class _EndlessBatches:
     """The iterator of `_endless_batches`, with a ``state_dict`` for checkpoints: the generator's
     state when the current epoch's order was drawn, and the batches taken from that epoch."""
 
-    def __init__(self, split, batch_size: int, seed: int):
-        self.split, self.batch_size = split, batch_size
+    def __init__(self, split, batch_size: int, seed: int, *, pack: bool = False):
+        self.split, self.batch_size, self.pack = split, batch_size, pack
         self.generator = torch.Generator().manual_seed(seed)
         self._epoch: Iterator | None = None
         self._epoch_start: torch.Tensor | None = None
@@ -461,7 +464,7 @@ class _EndlessBatches:
     def _new_epoch(self) -> None:
         self._epoch_start = self.generator.get_state()
         self._epoch = self.split.batches(
-            self.batch_size, shuffle=True, generator=self.generator, drop_last=True,
+            self.batch_size, shuffle=True, generator=self.generator, drop_last=True, pack=self.pack,
         )
         self._position = 0
 

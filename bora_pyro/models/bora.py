@@ -50,16 +50,14 @@ class _Batch(Protocol):
 
 
 def lm_log_likelihood(lm) -> Callable[[torch.Tensor, _Batch], torch.Tensor]:
-    """The LM likelihood: ``log p(doc_n | adapter of its task)`` for each row of a batch, ``[B]``.
+    """The LM likelihood: ``log p(doc_n | adapter of its task)`` for each document of a batch
+    (padded or packed), ``[B]`` (`MultiTaskLM.batch_nll`).
 
-    ``adapters`` is ``[D, P]`` (per task) or ``[P]`` (one adapter for every row).
+    ``adapters`` is ``[D, P]`` (per task) or ``[P]`` (one adapter for every document).
     """
 
     def log_likelihood(adapters: torch.Tensor, batch) -> torch.Tensor:
-        task_ids = batch.task_ids if adapters.dim() == 2 else None
-        return -lm.sequence_nll(
-            batch.input_ids, batch.attention_mask, batch.labels, adapters=adapters, task_ids=task_ids
-        )
+        return -lm.batch_nll(batch, adapters)
 
     return log_likelihood
 

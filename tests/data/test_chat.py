@@ -145,6 +145,21 @@ def test_messages_column_is_found_and_batches_score_only_the_answers():
     assert corpus.summary()["train_tokens"].sum() == split.num_tokens
 
 
+def test_packed_batches_score_the_same_tokens_as_padded_ones():
+    """Packing lays conversations end to end: each one's labels (only its answers) must survive."""
+    corpus = build_corpus(chat_frame()[["task", "messages"]], make_chat_tokenizer(), test_size=0.2,
+                          validation_size=0.0, max_length=200)
+    split = corpus.train
+    packed = split.batch(range(len(split)), pack=True)
+    assert packed.segment_ids is not None and packed.input_ids.shape[0] < len(split)
+    for b, doc in enumerate(packed.doc_index.tolist()):
+        labels = packed.labels[packed.segment_ids == b].numpy()
+        expected = split.doc_labels(doc)
+        expected[0] = IGNORE_INDEX  # a document's first position is never scored in a packed row
+        np.testing.assert_array_equal(labels, expected)
+    assert int((packed.labels != IGNORE_INDEX).sum()) == split.num_tokens
+
+
 def test_a_text_column_wins_over_an_unnamed_messages_column(frame, tokenizer):
     both = frame.assign(messages=[[{"role": "assistant", "content": "x"}]] * len(frame))
     corpus = build_corpus(both, tokenizer)

@@ -152,3 +152,19 @@ def test_same_layout_shares_wrappers_and_other_layout_invalidates_old_lm():
     MultiTaskLM(base, rank=4, alpha=4)
     with pytest.raises(RuntimeError, match="re-wrapped"):
         first(ids, adapters=theta)
+
+
+def test_per_token_tasks_equal_per_row_tasks_and_reach_only_present_tasks():
+    """A packed layout with one document per row must give the padded per-row result."""
+    lm = MultiTaskLM(tiny_causal_lm("qwen2"), rank=2, alpha=4)
+    theta = _random_adapters(lm.layout, 4).requires_grad_(True)
+    ids = torch.randint(4, 100, (3, 6), generator=torch.Generator().manual_seed(5))
+    task_ids = torch.tensor([2, 0, 2])
+    per_row = lm(ids, torch.ones_like(ids), adapters=theta, task_ids=task_ids)
+    segments = torch.arange(3).unsqueeze(1).expand(3, 6)
+    per_token = lm(ids, adapters=theta, task_ids=task_ids, position_ids=torch.arange(6).expand(3, 6),
+                   segment_ids=segments)
+    torch.testing.assert_close(per_token, per_row, rtol=1e-5, atol=1e-5)
+    per_token.sum().backward()
+    present = theta.grad.abs().sum(-1) > 0
+    assert present.tolist() == [True, False, True, False]
