@@ -26,6 +26,7 @@ from . import checks
 __all__ = [
     "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "parse_tau", "parse_report_to",
     "PRECISION_GROUPINGS", "PARAMETERIZATIONS", "LR_SCHEDULES", "AUTOCAST_CHOICES", "REPORT_TO_CHOICES",
+    "TAU_CURVATURES",
 ]
 
 #: How parameters may share a precision: one tau for all, one for all A and one for all B, or
@@ -33,6 +34,10 @@ __all__ = [
 PRECISION_GROUPINGS = ("shared", "ab", "module")
 #: What MAP's optimiser moves (see `bora_pyro.inference.map.PointGuide`).
 PARAMETERIZATIONS = ("offset", "centered")
+#: The curvature behind MAP's evidence update of a learned tau (see
+#: `bora_pyro.inference.map.MAPStepper`): the true Fisher at the current adapters, or the running
+#: empirical Fisher of the minibatch gradients.
+TAU_CURVATURES = ("fisher", "empirical")
 #: Learning-rate schedules after the linear warm-up.
 LR_SCHEDULES = ("cosine", "linear", "constant")
 #: Names accepted by ``autocast=`` (see `bora_pyro.runtime.autocast_dtype`).
@@ -374,6 +379,14 @@ class TrainConfig(_Settings):
         Shakespeare's speeches, 3x the real tokens per second of a padded step on the CPU).
         Needs a base model with SDPA or eager attention (``False`` for others, e.g. flash
         attention). Evaluation pads (it sorts documents by length, so little of it is padding).
+    tau_curvature, tau_curvature_batches
+        MAP with ``tau="learn"``: the curvature ``h`` of the evidence update. ``"fisher"``
+        (default): the diagonal true Fisher at the current adapters, a Monte-Carlo estimate
+        (labels sampled from the model) from one extra forward and backward pass on the
+        minibatch of each of the last ``tau_curvature_batches`` steps before every update
+        (``None``: as many as add up to 15% of the run's steps, at least 1 per update);
+        ``"empirical"``: the running empirical Fisher of the minibatch gradients (no extra pass;
+        biased, see docs/learned-precision.md).
     """
 
     kind: ClassVar[str] = "training setting"
@@ -432,6 +445,14 @@ class TrainConfig(_Settings):
         default=2, metadata=_help("SVI, init_scale 'laplace': passes over the training documents for the Fisher"))
     packing: bool = field(
         default=True, metadata=_help("pack each minibatch's documents end to end in rows instead of padding them"))
+    tau_curvature: str = field(
+        default="fisher", metadata=_help("MAP, learned tau: curvature of the evidence update (true Fisher at the "
+                                         "current adapters, or the running empirical Fisher)",
+                                         choices=TAU_CURVATURES))
+    tau_curvature_batches: int | None = field(
+        default=None, metadata=_help("MAP, learned tau, tau_curvature='fisher': minibatches (extra forward and "
+                                     "backward passes) per evidence update (default: 15% of the run's steps "
+                                     "spread over the updates, at least 1)"))
 
     def __post_init__(self) -> None:
         self.max_steps = checks.optional_positive_int("max_steps", self.max_steps, none_means="use epochs")
@@ -478,6 +499,9 @@ class TrainConfig(_Settings):
         self.laplace_passes = checks.positive_int("laplace_passes", self.laplace_passes)
         if not isinstance(self.packing, bool):
             raise ValueError(f"packing must be True or False, got packing={self.packing!r}.")
+        checks.choice("tau_curvature", self.tau_curvature, TAU_CURVATURES)
+        self.tau_curvature_batches = checks.optional_positive_int(
+            "tau_curvature_batches", self.tau_curvature_batches, none_means="15% of the run's steps")
 
     def total_steps(self, num_train_docs: int) -> int:
         """Optimiser steps of the run: ``max_steps``, else ``epochs`` (default 3) full passes of

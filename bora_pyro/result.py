@@ -207,6 +207,7 @@ class BoraResult:
     def history_frame(self) -> pd.DataFrame:
         """The training history as a DataFrame (one row per step; tau per group as columns)."""
         h = dict(self.history)
+        h.pop("tau_update", None)  # one entry per evidence update, not per step
         taus = h.pop("tau", [])
         df = pd.DataFrame(h)
         if taus:

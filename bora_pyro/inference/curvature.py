@@ -39,7 +39,8 @@ for a `MultiTaskLM`.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +48,12 @@ import torch.nn.functional as F
 from ..data import IGNORE_INDEX
 
 __all__ = [
+    "FisherSampler",
     "MonteCarloFisher",
     "lm_logits",
+    "next_token_targets",
     "sample_targets",
+    "squared_gradients",
     "per_document_gradients",
     "exact_fisher_diagonal",
     "hessian_diagonal",
@@ -64,6 +68,12 @@ class _Batch(Protocol):
 LogitsFn = Callable[[torch.Tensor, _Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` targets of ``[B, T]`` labels: ``targets[n, t] = labels[n, t + 1]`` (what
+    ``logits[n, t]`` predicts), `IGNORE_INDEX` at the last position."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def lm_logits(lm) -> LogitsFn:
     """The logits function of a `MultiTaskLM`: row ``n`` of the batch gets adapter ``rows[n]``.
 
@@ -74,8 +84,7 @@ def lm_logits(lm) -> LogitsFn:
     def logits_fn(rows: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
         own = torch.arange(rows.shape[0], device=rows.device)
         logits = lm(batch.input_ids, batch.attention_mask, adapters=rows, task_ids=own)
-        targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        return logits, targets
+        return logits, next_token_targets(batch.labels)
 
     return logits_fn
 
@@ -102,6 +111,41 @@ def _row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE_INDEX, reduction="none",
     )
     return nll.view(targets.shape).sum(-1)
+
+
+def squared_gradients(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    sampled: bool,
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""``[B, P]`` squared per-document gradients ``g_n^2`` of the row NLLs in their adapters.
+
+    Parameters
+    ----------
+    logits, targets
+        ``[B, T, V]`` and ``[B, T]`` (`IGNORE_INDEX` where unscored), computed from ``rows``.
+    rows
+        ``[B, P]`` leaf: row ``n``'s adapter (row ``n``'s logits depend on ``rows[n]`` only).
+    sampled
+        ``True``: labels drawn from ``softmax(logits)`` at the scored positions, averaged over
+        ``samples`` independent draws, ``mean_s g_n(y~_s)^2``, whose expectation is the diagonal
+        true Fisher of document ``n`` (one backward pass per draw, the forward pass shared);
+        ``False``: the observed ``targets`` (the empirical Fisher; ``samples`` must be 1).
+    generator
+        Source of the label draws.
+    """
+    if samples < 1 or (not sampled and samples != 1):
+        raise ValueError(f"samples must be >= 1 (and 1 with observed labels), got samples={samples!r}.")
+    total = None
+    for s in range(samples):
+        y = sample_targets(logits, targets, generator=generator) if sampled else targets
+        (grad,) = torch.autograd.grad(_row_nll(logits, y).sum(), rows, retain_graph=s < samples - 1)
+        total = grad.float().square() if total is None else total.add_(grad.float().square())
+    return total / samples
 
 
 def _rows(task_adapters: torch.Tensor, batch) -> torch.Tensor:
@@ -138,6 +182,36 @@ def per_document_gradients(
         targets = sample_targets(logits, targets, generator=generator)
     (grad,) = torch.autograd.grad(_row_nll(logits, targets).sum(), rows)
     return grad
+
+
+@dataclass(frozen=True)
+class FisherSampler:
+    """What a MAP run needs to estimate the true Fisher of each task: per-document gradients
+    with observations drawn from the model itself, and each task's training document count.
+
+    Attributes
+    ----------
+    sampled_gradients
+        ``(task_adapters [D, P], batch, generator) -> [B, P]``: the gradient of each document's
+        NLL in its task's adapter, the document's observations (the scored tokens of an LM)
+        replaced by a draw from the model at ``task_adapters``. Its squares average to the
+        diagonal true Fisher of the documents (see the module docstring).
+    docs_per_task
+        ``[D]`` training documents ``N_d`` of each task (`MonteCarloFisher`).
+    """
+
+    sampled_gradients: Callable[[torch.Tensor, Any, torch.Generator | None], torch.Tensor]
+    docs_per_task: Sequence[int] | torch.Tensor
+
+    @classmethod
+    def for_lm(cls, lm, docs_per_task) -> FisherSampler:
+        """The sampler of a `MultiTaskLM`: labels drawn from its predictive (`per_document_gradients`)."""
+        logits_fn = lm_logits(lm)
+
+        def sampled_gradients(task_adapters, batch, generator=None):
+            return per_document_gradients(logits_fn, task_adapters, batch, sampled=True, generator=generator)
+
+        return cls(sampled_gradients, docs_per_task)
 
 
 class MonteCarloFisher:
@@ -200,16 +274,33 @@ class MonteCarloFisher:
         self.seen.mul_(self.beta).index_add_(0, task_ids, ones)
         self.count += 1
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget every update (the next `curvature` uses only the updates after this)."""
+        self.sq.zero_()
+        self.seen.zero_()
+        self.count = 0
+
     @property
     def seen_tasks(self) -> torch.Tensor:
         """``[D]`` bool: tasks with at least one document in the updates so far."""
         return self.seen > 0
 
-    def curvature(self) -> torch.Tensor:
-        """``h`` ``[D, P]``; rows of tasks not seen yet are zero (check `seen_tasks`)."""
+    def curvature(self, *, fill_unseen: bool = False) -> torch.Tensor:
+        """``h`` ``[D, P]``.
+
+        Rows of tasks not seen yet are zero (check `seen_tasks`), or with ``fill_unseen`` their
+        ``N_d`` times the average per-document Fisher of all documents seen (of every task):
+        when a few minibatches cannot hold a document of every task, this is the estimate that
+        assumes the task's documents are like the others', rather than that its adapter is not
+        determined by its data at all.
+        """
         if self.count == 0:
             raise RuntimeError("MonteCarloFisher.curvature() needs at least one update().")
         per_doc = self.sq / self.seen.clamp_min(torch.finfo(self.seen.dtype).tiny)[:, None]
+        if fill_unseen:
+            pooled = self.sq.sum(0) / self.seen.sum().clamp_min(torch.finfo(self.seen.dtype).tiny)
+            per_doc = torch.where(self.seen_tasks[:, None], per_doc, pooled)
         return per_doc * self.docs_per_task[:, None]
 
     def state_dict(self) -> dict:

@@ -23,6 +23,7 @@ from ..result import BoraResult
 from ..runtime import autocast, autocast_dtype, resolve_device
 from ..tracking import Trackers, default_run_name, log_fit_end, make_trackers, require_trackers
 from .checkpoint import Checkpointing, make_checkpointing
+from .curvature import FisherSampler
 from .loop import FitState
 from .map import optimise_map
 from .svi import optimise_svi
@@ -113,6 +114,7 @@ def fit_map(
         state = optimise_map(
             run.bora, run.batches(), settings.train, init_global=run.init_global, validate=run.validate,
             checkpointing=_checkpointing(run, fit_args), on_step=trackers.log_metrics if trackers else None,
+            fisher_sampler=FisherSampler.for_lm(run.lm, run.train.docs_per_task),
         )
         return run.finish(state, fit_args, trackers)
 

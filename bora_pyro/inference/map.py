@@ -16,9 +16,13 @@ from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
 from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
-from .precision import FisherEstimate, evidence_update
+from .curvature import FisherSampler, MonteCarloFisher
+from .precision import FisherEstimate, evidence_terms, evidence_update
 
-__all__ = ["MAPStepper", "PointGuide", "optimise_map"]
+__all__ = ["MAPStepper", "PointGuide", "optimise_map", "CURVATURE_BUDGET"]
+
+#: Default share of a run's steps spent on the extra passes of ``tau_curvature="fisher"``.
+CURVATURE_BUDGET = 0.15
 
 
 class PointGuide(nn.Module):
@@ -81,7 +85,38 @@ class PointGuide(nn.Module):
 
 
 class MAPStepper(Stepper):
-    """MAP steps; with a learned tau, evidence updates from a running diagonal Fisher estimate.
+    r"""MAP steps; with a learned tau, evidence updates (`precision.evidence_update`).
+
+    The curvature ``h`` of each update (``train.tau_curvature``):
+
+    ``"fisher"`` (default)
+        The diagonal true Fisher at the current adapters, estimated afresh for each update by
+        `curvature.MonteCarloFisher` (accumulators reset after every update): on the minibatch
+        of each of the last ``M`` steps before the update (``train.tau_curvature_batches``,
+        default: as many as add up to `CURVATURE_BUDGET` = 15% of the run's steps over all
+        updates, at least 1; at most ``tau_update_every``), after its optimiser step, one extra forward and backward pass with
+        the scored tokens replaced by draws from the model (``fisher_sampler``). A task without
+        a document in those ``M`` minibatches gets ``N_d`` times the average per-document
+        Fisher of the documents seen (`MonteCarloFisher.curvature` with ``fill_unseen``). The
+        draws come from the stepper's own generator (seeded by ``train.seed``, in
+        `state_dict`), so a resumed run draws what an uninterrupted one would.
+    ``"empirical"``
+        The running empirical Fisher of the minibatch gradients (`precision.FisherEstimate`, no
+        extra pass). On a tiny LM it errs by large factors that differ between tasks: its moving
+        averages remember the larger gradients of earlier steps, and the empirical Fisher is
+        biased away from the optimum (docs/learned-precision.md).
+
+    Each update appends ``{"step", "tau", "gamma", "S"}`` (the step after which it ran, the new
+    ``[G]`` precisions, and ``gamma`` and ``S`` per group at the previous ones, see
+    `precision.evidence_terms`) to `tau_updates`, which `optimise_map` returns as
+    ``history["tau_update"]``.
+
+    Cost of ``"fisher"``: ``M`` forward and backward passes (no optimiser step, no prior, no
+    AdamW) per update. With the default schedule (20 updates per run after a fifth of it,
+    i.e. 16 updates) and the default ``M``, at most 15% of the run's steps in extra passes
+    (``M = max(1, floor(0.15 steps / 16))``): 16% for runs under 107 steps (``M = 1``),
+    e.g. 16 passes in the 100 steps of the ``cpu`` sweep configuration, and 14-15% for runs
+    of 500 steps and more.
 
     Parameters
     ----------
@@ -89,17 +124,24 @@ class MAPStepper(Stepper):
         The `BoraModel`.
     train
         The `TrainConfig`; besides what `Stepper` reads: ``parameterization`` (what the
-        optimiser moves, see `PointGuide`), ``batch_size`` (the Fisher estimate's scale is
+        optimiser moves, see `PointGuide`), ``batch_size`` (the empirical estimate's scale is
         ``batch_size / model.num_docs``), ``tau_update_every`` and ``tau_warmup`` (steps between
         evidence updates of a learned tau, default 20 per run, and steps before the first one,
-        default a fifth of the run: the Fisher estimate needs a few batches first).
+        default a fifth of the run: at the standard initialisation ``B = 0`` every curvature of
+        the A entries is exactly zero), ``tau_curvature`` and ``tau_curvature_batches``.
     init_global
         ``[P]`` initial global adapter; every task adapter starts there.
+    fisher_sampler
+        Sampled-observation gradients and document counts (`curvature.FisherSampler`), needed
+        with a learned tau and ``tau_curvature="fisher"``.
     """
 
     name = "BoRA MAP"
 
-    def __init__(self, model: BoraModel, train: TrainConfig, *, init_global: torch.Tensor):
+    def __init__(
+        self, model: BoraModel, train: TrainConfig, *, init_global: torch.Tensor,
+        fisher_sampler: FisherSampler | None = None,
+    ):
         super().__init__(model, Trace_ELBO(), train)
         self.parameterization = train.parameterization
         self.init_global = init_global.to(self.device)
@@ -107,12 +149,34 @@ class MAPStepper(Stepper):
             train.tau_update_every if train.tau_update_every is not None else max(1, self.steps // 20)
         )
         self.tau_warmup = train.tau_warmup if train.tau_warmup is not None else self.steps // 5
-        self.fisher = (
-            FisherEstimate((model.num_tasks, model.num_params), batch_fraction=train.batch_size / model.num_docs,
-                           device=self.device)
-            if self.learn else None
-        )
+        self.curvature_kind = train.tau_curvature
+        self.fisher, self.mc_fisher, self.generator = None, None, None
+        self.fisher_sampler = fisher_sampler
+        updates = max(0, self.steps - self.tau_warmup) // self.tau_update_every
+        batches = train.tau_curvature_batches
+        if batches is None:
+            batches = max(1, int(CURVATURE_BUDGET * self.steps / max(1, updates)))
+        self.curvature_batches = min(batches, self.tau_update_every)
+        if self.learn and self.curvature_kind == "empirical":
+            self.fisher = FisherEstimate(
+                (model.num_tasks, model.num_params), batch_fraction=train.batch_size / model.num_docs,
+                device=self.device,
+            )
+        elif self.learn:
+            if fisher_sampler is None:
+                raise ValueError(
+                    "tau_curvature='fisher' (the default with tau='learn') needs a fisher_sampler "
+                    "(sampled-observation gradients, e.g. curvature.FisherSampler.for_lm(lm, "
+                    "docs_per_task)); pass one, or tau_curvature='empirical'."
+                )
+            self.mc_fisher = MonteCarloFisher(
+                fisher_sampler.docs_per_task, model.num_params, beta=1.0, device=self.device
+            )
+            self.generator = torch.Generator(self.device).manual_seed(train.seed)
+        #: One record per evidence update (see the class docstring).
+        self.tau_updates: list[dict] = []
         self._task_param = None
+        self._batch = None
 
     def build_guide(self):
         return PointGuide(self.model, self.init_global, self.parameterization)
@@ -124,24 +188,56 @@ class MAPStepper(Stepper):
         self._task_param = self.guide.task_parameter
         return groups
 
+    def step(self, batch) -> float:
+        self._batch = batch
+        return super().step(batch)
+
     def after_backward(self) -> None:
         if self.fisher is not None and self._task_param is not None and self._task_param.grad is not None:
             self.fisher.update(self._task_param.grad)
 
+    def _is_update(self, done: int) -> bool:
+        """Whether an evidence update runs after ``done`` completed steps."""
+        return done > self.tau_warmup and (done - self.tau_warmup) % self.tau_update_every == 0
+
     def after_step(self, step: int) -> None:
+        if not self.learn:
+            return
         done = step + 1
-        if self.learn and done > self.tau_warmup and (done - self.tau_warmup) % self.tau_update_every == 0:
+        if self.mc_fisher is not None and any(
+            self._is_update(done + k) for k in range(self.curvature_batches)
+        ):
+            theta, _ = self.point()
+            with self.amp():
+                grad = self.fisher_sampler.sampled_gradients(theta, self._batch, self.generator)
+            self.mc_fisher.add(grad.square(), self._batch.task_ids)
+        if self._is_update(done):
             theta, theta_g = self.point()
+            if self.mc_fisher is not None:
+                h = self.mc_fisher.curvature(fill_unseen=True)
+                self.mc_fisher.reset()
+            else:
+                h = self.fisher.curvature()
+            gamma, S = evidence_terms(theta, theta_g, h, self.tau, self.model.group_index)
             self.tau = evidence_update(
-                theta, theta_g, self.fisher.curvature(), self.tau, self.model.group_index,
-                prior=self.model.config.tau_prior,
+                theta, theta_g, h, self.tau, self.model.group_index, prior=self.model.config.tau_prior,
             )
+            self.tau_updates.append({
+                "step": step, "tau": self.tau.tolist(), "gamma": gamma.tolist(), "S": S.tolist(),
+            })
 
     def state_dict(self) -> dict:
-        """`Stepper.state_dict` plus, with a learned tau, ``fisher`` (``mean``, ``sq``, ``count``)."""
+        """`Stepper.state_dict` plus, with a learned tau, ``tau_updates`` and the curvature's
+        state: ``fisher`` (``mean``, ``sq``, ``count``) or ``mc_fisher`` (``sq``, ``seen``,
+        ``count``) and ``generator`` (the label draws' generator state)."""
         state = super().state_dict()
         if self.fisher is not None:
             state["fisher"] = {"mean": self.fisher.mean, "sq": self.fisher.sq, "count": self.fisher.count}
+        if self.mc_fisher is not None:
+            state["mc_fisher"] = self.mc_fisher.state_dict()
+            state["generator"] = self.generator.get_state()
+        if self.learn:
+            state["tau_updates"] = [dict(r) for r in self.tau_updates]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -151,6 +247,11 @@ class MAPStepper(Stepper):
             self.fisher.mean.copy_(state["fisher"]["mean"])
             self.fisher.sq.copy_(state["fisher"]["sq"])
             self.fisher.count = int(state["fisher"]["count"])
+        if self.mc_fisher is not None:
+            self.mc_fisher.load_state_dict(state["mc_fisher"])
+            self.generator.set_state(state["generator"].cpu())
+        if self.learn:
+            self.tau_updates = [dict(r) for r in state["tau_updates"]]
 
     @torch.no_grad()
     def point(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +272,7 @@ def optimise_map(
     validate: Callable[[torch.Tensor], float] | None = None,
     checkpointing: Checkpointing | None = None,
     on_step: Callable[[dict[str, float], int], None] | None = None,
+    fisher_sampler: FisherSampler | None = None,
 ) -> FitState:
     """Maximise the posterior density of the adapters (and, if learned, the evidence for tau).
 
@@ -194,6 +296,17 @@ def optimise_map(
         Periodic checkpoints and the one to resume from (see `run_steps`).
     on_step
         ``on_step(metrics, step)`` after every step (see `run_steps`; e.g. experiment trackers).
+    fisher_sampler
+        With a learned tau and ``train.tau_curvature="fisher"``: how to draw observations from
+        the model (`curvature.FisherSampler`; `fit_map` passes the LM's).
+
+    Returns
+    -------
+    `FitState`; with a learned tau its ``history["tau_update"]`` lists the evidence updates
+    (`MAPStepper`).
     """
-    stepper = MAPStepper(model, train, init_global=init_global)
-    return run_steps(stepper, batches, validate=validate, checkpointing=checkpointing, on_step=on_step)
+    stepper = MAPStepper(model, train, init_global=init_global, fisher_sampler=fisher_sampler)
+    state = run_steps(stepper, batches, validate=validate, checkpointing=checkpointing, on_step=on_step)
+    if stepper.learn:
+        state.history["tau_update"] = stepper.tau_updates
+    return state

@@ -17,17 +17,23 @@ determine (``h >> tau`` counts one, ``h << tau`` zero). The ``1 - 1/D`` factor a
 it the fixed point is exactly the marginal-likelihood maximiser of a Gaussian hierarchical model
 with equal curvatures.
 
-``h`` is a diagonal empirical Fisher estimate taken from the minibatch gradients the optimiser
-computes anyway: for minibatches of B out of N documents, the gradient ``G`` of the scaled
-log joint has ``Var(G_i) ~ (N / B) sum_n g_ni^2``, so ``h ~ (B / N) Var(G)`` with the variance
-tracked by exponential moving averages (no extra forward or backward pass).
+``h`` comes from `bora_pyro.inference.curvature`: by default (``tau_curvature="fisher"``) a
+Monte-Carlo estimate of the diagonal *true* Fisher at the current adapters, taken afresh before
+each update (`curvature.MonteCarloFisher`, see `bora_pyro.inference.map.MAPStepper`). The
+alternative kept here, `FisherEstimate` (``tau_curvature="empirical"``), is a diagonal empirical
+Fisher from the minibatch gradients the optimiser computes anyway: for minibatches of B out of N
+documents, the gradient ``G`` of the scaled log joint has ``Var(G_i) ~ (N / B) sum_n g_ni^2``,
+so ``h ~ (B / N) Var(G)`` with the variance tracked by exponential moving averages (no extra
+forward or backward pass). It is biased twice: the empirical Fisher is not the Fisher away from
+the optimum, and the moving averages remember the larger gradients of earlier steps (up to
+orders of magnitude at the end of a run: docs/learned-precision.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["FisherEstimate", "evidence_update"]
+__all__ = ["FisherEstimate", "evidence_terms", "evidence_update"]
 
 
 class FisherEstimate:
@@ -67,6 +73,31 @@ class FisherEstimate:
 
 
 @torch.no_grad()
+def evidence_terms(
+    task_adapters: torch.Tensor,
+    global_adapter: torch.Tensor,
+    curvature: torch.Tensor,
+    tau: torch.Tensor,
+    group_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gamma [G], S [G])`` of the evidence fixed point (see the module doc) at ``tau [G]``.
+
+    ``gamma_g = (1 - 1/D) sum_d sum_{i in g} h_di / (h_di + tau_g)`` (the number of
+    well-determined parameters) and ``S_g = sum_d sum_{i in g} (theta_di - Theta_i)^2``, with
+    ``task_adapters [D, P]``, ``global_adapter [P]``, ``curvature`` ``h`` ``[D, P]`` and
+    ``group_index [P]``.
+    """
+    D = task_adapters.shape[0]
+    G = tau.shape[0]
+    tau_p = tau[group_index]  # [P]
+    determined = (curvature / (curvature + tau_p)).sum(0) * (1 - 1 / D)  # [P]
+    sq = (task_adapters - global_adapter).square().sum(0)  # [P]
+    gamma = torch.zeros(G, dtype=sq.dtype, device=sq.device).index_add_(0, group_index, determined.to(sq.dtype))
+    S = torch.zeros(G, dtype=sq.dtype, device=sq.device).index_add_(0, group_index, sq)
+    return gamma, S
+
+
+@torch.no_grad()
 def evidence_update(
     task_adapters: torch.Tensor,
     global_adapter: torch.Tensor,
@@ -98,14 +129,8 @@ def evidence_update(
     -------
     ``[G]`` new precisions.
     """
-    D = task_adapters.shape[0]
-    G = tau.shape[0]
     a, b = prior
-    tau_p = tau[group_index]  # [P]
-    determined = (curvature / (curvature + tau_p)).sum(0) * (1 - 1 / D)  # [P]
-    sq = (task_adapters - global_adapter).square().sum(0)  # [P]
-    gamma = torch.zeros(G, dtype=sq.dtype, device=sq.device).index_add_(0, group_index, determined)
-    S = torch.zeros(G, dtype=sq.dtype, device=sq.device).index_add_(0, group_index, sq)
+    gamma, S = evidence_terms(task_adapters, global_adapter, curvature, tau, group_index)
     numerator = (gamma + 2 * (a - 1)).clamp_min(1e-12)
     denominator = (S + 2 * b).clamp_min(1e-30)
     new = numerator / denominator

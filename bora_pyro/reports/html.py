@@ -234,8 +234,8 @@ def write_report(
     shrink_src = (
         "the posterior variances of the mean-field guide: shrinkage_d = mean_i tau_g(i) σ_di²"
         if result.task_scales is not None else
-        "a diagonal empirical Fisher h (summed squared per-document gradients of the training "
-        "log-likelihood at the MAP): shrinkage_d = mean_i tau_g(i) / (h_di + tau_g(i))"
+        "the diagonal true Fisher h of each task's training documents at the global adapter "
+        "(Monte-Carlo, labels drawn from the model): shrinkage_d = mean_i tau_g(i) / (h_di + tau_g(i))"
     )
     n_ll = idata.log_likelihood.sizes["draw"]
     ppl_note = (

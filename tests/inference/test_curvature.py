@@ -107,6 +107,13 @@ def test_monte_carlo_fisher_bookkeeping_and_errors():
     restored = MonteCarloFisher([10, 20, 5], 2, beta=0.5)
     restored.load_state_dict(mc.state_dict())
     assert_close(restored.curvature(), mc.curvature(), rtol=0, atol=0)
+    # Unseen task 2 from the pooled per-document average of the three documents seen:
+    # (0.5 * (1 + 3) + 8, 0.5 * (2 + 4) + 0) / (0.5 * 2 + 1), times its 5 documents.
+    assert_close(mc.curvature(fill_unseen=True), [[20.0, 30.0], [160.0, 0.0], [25.0, 7.5]], rtol=1e-6, atol=0)
+    mc.reset()
+    assert mc.count == 0 and not mc.seen_tasks.any()
+    with pytest.raises(RuntimeError, match="needs at least one update"):
+        mc.curvature()
     with pytest.raises(ValueError, match="beta must be in"):
         MonteCarloFisher([1], 2, beta=0.0)
     with pytest.raises(ValueError, match="docs_per_task"):

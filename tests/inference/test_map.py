@@ -7,6 +7,7 @@ import scipy.optimize
 import torch
 
 from bora_pyro.config import BoraConfig, TrainConfig
+from bora_pyro.inference.curvature import FisherSampler
 from bora_pyro.inference.map import optimise_map
 from bora_pyro.models.bora import BoraModel
 from tests.gaussian import GaussianProblem
@@ -65,7 +66,19 @@ def test_tau_zero_is_independent_and_tau_inf_is_pooled():
         torch.testing.assert_close(pooled.task_adapters[d].double(), problem.pooled(), atol=2e-3, rtol=0)
 
 
-def test_learned_tau_converges_to_marginal_likelihood_maximiser():
+def _gaussian_sampler(problem):
+    """Sampled observations y~ ~ Normal(theta_d, sigma^2): the per-document gradient of the NLL
+    in theta_d is -(y~ - theta_d) / sigma^2 = -eps / sigma, whose square averages to the exact
+    Fisher 1 / sigma^2 per entry."""
+
+    def sampled_gradients(task_adapters, batch, generator):
+        return torch.randn(len(batch), task_adapters.shape[1], generator=generator) / problem.sigma
+
+    return FisherSampler(sampled_gradients, torch.bincount(problem.task_ids, minlength=problem.num_tasks))
+
+
+@pytest.mark.parametrize("curvature", ["fisher", "empirical"])
+def test_learned_tau_converges_to_marginal_likelihood_maximiser(curvature):
     # Equal document counts: the evidence fixed point is exactly the type-II ML tau.
     problem = GaussianProblem.make(docs_per_task=(40,) * 12, P=20, tau=3.0, seed=1)
     res = scipy.optimize.minimize_scalar(
@@ -75,11 +88,50 @@ def test_learned_tau_converges_to_marginal_likelihood_maximiser():
     batch_size = 48
     state = optimise_map(
         _model(problem, "learn", tau_init=50.0, tau_prior=(1.0, 0.0)), problem.batches(batch_size),
-        _train(max_steps=3000, lr=0.02, batch_size=batch_size, tau_update_every=100, tau_warmup=500),
-        init_global=torch.zeros(20),
+        _train(max_steps=3000, lr=0.02, batch_size=batch_size, tau_update_every=100, tau_warmup=500,
+               tau_curvature=curvature),
+        init_global=torch.zeros(20), fisher_sampler=_gaussian_sampler(problem),
     )
     tau_hat = state.tau.item()
     assert abs(tau_hat - tau_ml) / tau_ml < 0.2, (tau_hat, tau_ml)
+    updates = state.history["tau_update"]
+    assert [u["step"] for u in updates] == list(range(599, 3000, 100))
+    assert updates[-1]["tau"] == [tau_hat] and len(updates[-1]["gamma"]) == len(updates[-1]["S"]) == 1
+
+
+def test_fisher_curvature_draws_from_its_own_generator_and_counts_its_passes():
+    """M sampled passes before each update, on the minibatches of the last M steps; the draws
+    come from the stepper's generator (a resumed run restores it), not torch's global one."""
+    problem = GaussianProblem.make(docs_per_task=(5, 7, 9), P=4, tau=2.0, seed=2)
+    sampler = _gaussian_sampler(problem)
+    calls = []
+
+    def counted(task_adapters, batch, generator):
+        calls.append(len(calls))
+        return sampler.sampled_gradients(task_adapters, batch, generator)
+
+    def run(global_seed, **kw):
+        calls.clear()
+        model = _model(problem, "learn", tau_init=5.0)
+        train = _train(max_steps=40, lr=0.05, batch_size=6, tau_update_every=8, tau_warmup=8, **kw)
+        torch.manual_seed(global_seed)
+        return optimise_map(model, problem.batches(6), train, init_global=torch.zeros(4),
+                            fisher_sampler=FisherSampler(counted, sampler.docs_per_task))
+
+    first = run(123, tau_curvature_batches=3)
+    assert len(calls) == 3 * 4  # updates after 16, 24, 32, 40 steps
+    assert [u["step"] for u in first.history["tau_update"]] == [15, 23, 31, 39]
+    again = run(999, tau_curvature_batches=3)  # the global generator does not matter
+    assert again.tau.tolist() == first.tau.tolist()
+    capped = run(123, tau_curvature_batches=50)  # at most tau_update_every passes per update
+    assert len(calls) == 8 * 4 and capped.tau.tolist() != first.tau.tolist()
+    with pytest.raises(ValueError, match=r"tau_curvature='fisher'.*needs a fisher_sampler.*'empirical'"):
+        optimise_map(_model(problem, "learn"), problem.batches(6), _train(max_steps=2, batch_size=6),
+                     init_global=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"tau_curvature='fischer' is not valid.*'fisher'"):
+        _train(tau_curvature="fischer")
+    with pytest.raises(ValueError, match=r"tau_curvature_batches must be a positive integer"):
+        _train(tau_curvature_batches=0)
 
 
 def test_subsampled_log_joint_is_unbiased():

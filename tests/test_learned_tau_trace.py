@@ -1,0 +1,35 @@
+"""benchmarks/learned_tau_trace.py runs end to end on a tiny model and prints every evidence update."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_tau_trace.py"
+
+
+@pytest.fixture(scope="module")
+def trace():
+    spec = importlib.util.spec_from_file_location("learned_tau_trace", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trace_of_a_tiny_fit(trace, capsys):
+    out = trace.main(["--tiny", "--device", "cpu", "--max-steps", "40", "--tau-init", "50", "--json"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["groups"] == ["A", "B"] == list(out["tau"])
+    # 20 updates per run after a fifth of it: after steps 8 + 2k, k = 1..16.
+    assert [u["step"] for u in printed["updates"]] == list(range(9, 40, 2))
+    for u in printed["updates"]:
+        assert len(u["tau"]) == len(u["gamma"]) == len(u["S"]) == 2
+        assert all(t > 0 and math.isfinite(t) for t in u["tau"]) and all(s >= 0 for s in u["S"])
+    assert printed["settings"]["tau_curvature"] == "fisher" and printed["settings"]["tau_init"] == 50
+    assert math.isfinite(printed["test_perplexity"]) and printed["test_perplexity"] > 1
+    text = trace.main(["--tiny", "--device", "cpu", "--max-steps", "20", "--tau-curvature", "empirical"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["step", "tau_A", "gamma_A", "S_A"]
+    assert len(text["updates"]) == 16 and lines[-1].startswith("learned tau: A = ")
