@@ -75,15 +75,19 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def lm_logits(lm) -> LogitsFn:
-    """The logits function of a `MultiTaskLM`: row ``n`` of the batch gets adapter ``rows[n]``.
+    """The logits function of a `MultiTaskLM`: document ``n`` of the batch gets adapter ``rows[n]``.
 
     ``targets`` are the batch's labels shifted by one (``logits[n, t]`` predicts token ``t + 1``),
-    as in `MultiTaskLM.sequence_nll`.
+    as in `MultiTaskLM.sequence_nll`. A packed batch (``segment_ids``) has fewer rows than
+    documents: its logits are per row, but each token still sees only its own document's adapter
+    ``rows[n]``, so the gradient of the summed NLL in ``rows[n]`` is document ``n``'s alone.
     """
 
     def logits_fn(rows: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
         own = torch.arange(rows.shape[0], device=rows.device)
-        logits = lm(batch.input_ids, batch.attention_mask, adapters=rows, task_ids=own)
+        logits = lm(batch.input_ids, batch.attention_mask, adapters=rows, task_ids=own,
+                    position_ids=getattr(batch, "position_ids", None),
+                    segment_ids=getattr(batch, "segment_ids", None))
         return logits, next_token_targets(batch.labels)
 
     return logits_fn
@@ -100,6 +104,10 @@ def sample_targets(
     probs = logits.detach()[scored].float().softmax(-1)  # [M, V]
     sampled = targets.clone()
     if probs.shape[0]:
+        if not bool(torch.isfinite(probs).all()):
+            raise FloatingPointError(
+                "the model's predictive has non-finite probabilities: the adapters are no longer finite."
+            )
         sampled[scored] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return sampled
 

@@ -357,7 +357,11 @@ def run_steps(
         if not (math.isfinite(loss) and math.isfinite(stepper.last_grad_norm)):
             bar.close()
             raise FloatingPointError(_divergence_message(stepper, step, loss, checkpointing))
-        stepper.after_step(step)
+        try:
+            stepper.after_step(step)  # e.g. the tau update's Monte-Carlo Fisher
+        except FloatingPointError:
+            bar.close()
+            raise FloatingPointError(_divergence_message(stepper, step, loss, checkpointing)) from None
         history["seconds"].append(time.perf_counter() - started)
         n_tokens = _scored_tokens(batch)
         train_nll = model.last_nll / n_tokens if n_tokens else math.nan
