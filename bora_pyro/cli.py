@@ -204,17 +204,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     svi_stage = _SVI_ONLY + _CHECKPOINTS if args.method == "svi" else ()
     map_overrides = {k: v for k, v in overrides.items() if k not in svi_stage}
+    from .distributed import is_main
+
     result = bora_pyro.fit_map(args.data, **_model(args), **map_overrides)
+    main = is_main()  # under torchrun every rank fits and evaluates; rank 0 prints and saves
     if args.method == "svi":
-        print(f"MAP fit done ({result}); now SVI from it.")
+        if main:
+            print(f"MAP fit done ({result}); now SVI from it.")
         training = set(TrainConfig.field_names())
         svi_overrides = {k: v for k, v in overrides.items() if k in training}
         result = bora_pyro.fit_svi(None, init=result, **_model(args), **svi_overrides)
-    print(result)
+    if main:
+        print(result)
     if settings.data.test_size > 0:
         df = result.evaluate("test", progress=settings.train.progress)
-        print(df.to_markdown(index=False, floatfmt=".3f"))
-    if args.out:
+        if main:
+            print(df.to_markdown(index=False, floatfmt=".3f"))
+    if args.out and main:
         print(f"saved to {_save(result, args.out, args.overwrite)}")
     return 0
 
@@ -229,6 +235,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     SWEEP_CONFIGS[args.config]().with_overrides(**overrides)  # every value checked before a model loads
     start = time.perf_counter()
     sweep = run_sweep(args.data, config=args.config, out=args.out, **_model(args), **overrides)
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports
+        return 0
     print()
     print(sweep.overall_markdown())
     print()

@@ -356,6 +356,9 @@ class TrainConfig(_Settings):
         Seeds the split, the adapter initialisation, the minibatch order and the Monte Carlo draws.
     progress
         Show progress bars.
+    distributed_timeout
+        Under ``torchrun`` (data parallel, `bora_pyro.distributed`): seconds a rank waits for the
+        others at a collective before the run fails with `~bora_pyro.distributed.DistributedError`.
     checkpoint_dir, checkpoint_every, resume
         Atomic checkpoints every ``checkpoint_every`` steps (``None``: 10 per run) in
         ``checkpoint_dir``, and the checkpoint folder of an interrupted run to continue from
@@ -425,6 +428,9 @@ class TrainConfig(_Settings):
         default=None, metadata=_help("run the frozen base model in this precision (CUDA)", choices=AUTOCAST_CHOICES))
     seed: int = field(default=0, metadata=_help("seed of the split, initialisation, batch order and draws"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
+    distributed_timeout: float = field(
+        default=1800.0, metadata=_help("under torchrun: seconds a rank waits for the others at a collective "
+                                       "before the run fails"))
     checkpoint_dir: str | None = field(
         default=None, metadata=_help("folder for checkpoints that survive a kill", metavar="DIR"))
     checkpoint_every: int | None = field(
@@ -483,6 +489,7 @@ class TrainConfig(_Settings):
         self.seed = checks.non_negative_int("seed", self.seed)
         if not isinstance(self.progress, bool):
             raise ValueError(f"progress must be True or False, got progress={self.progress!r}.")
+        self.distributed_timeout = checks.positive_number("distributed_timeout", self.distributed_timeout)
         for name in ("checkpoint_dir", "resume"):
             value = getattr(self, name)
             if value is not None:

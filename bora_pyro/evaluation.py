@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import runtime
+from . import distributed, runtime
 from .checks import choice, optional_positive_int, positive_int
 from .data import IGNORE_INDEX
 
@@ -218,6 +218,10 @@ def per_doc_nll(
     ``nll[n] = -sum_{t scored} log p(x_{n,t} | x_{n,<t})`` under the adapter of the document's
     task (see `iterate_split` for ``adapters``, ``batch_size``, ``device`` and ``autocast_dtype``).
 
+    Under data parallel (`bora_pyro.distributed`) each rank scores every ``W``-th document and
+    the results are summed over ranks, so every rank must call it and every rank gets all
+    documents' values.
+
     Returns
     -------
     nll, tokens
@@ -226,12 +230,21 @@ def per_doc_nll(
     device = torch.device(device)
     nll = torch.zeros(len(split), dtype=torch.float64, device=device)
     tokens = torch.zeros(len(split), dtype=torch.long, device=device)
-    for batch, row_nll, _ in iterate_split(
-        lm, split, adapters, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
-        progress=progress, desc=f"evaluate {split.name}",
-    ):
-        nll[batch.doc_index] = row_nll.double()
-        tokens[batch.doc_index] = scored_tokens(batch.labels)
+    own, mine = split, None
+    if distributed.active():
+        _require_documents(split)
+        mine = torch.from_numpy(distributed.shard_indices(len(split))).to(device)
+        own = split.select(mine.cpu().numpy())
+    if len(own):
+        for batch, row_nll, _ in iterate_split(
+            lm, own, adapters, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+            progress=progress and distributed.is_main(), desc=f"evaluate {split.name}",
+        ):
+            index = batch.doc_index if mine is None else mine[batch.doc_index]
+            nll[index] = row_nll.double()
+            tokens[index] = scored_tokens(batch.labels)
+    if mine is not None:
+        nll, tokens = distributed.sum_over_ranks(nll), distributed.sum_over_ranks(tokens)
     return nll.cpu(), tokens.cpu()
 
 

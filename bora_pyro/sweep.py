@@ -466,6 +466,7 @@ def run_sweep(
     import numpy as np
     import pandas as pd
 
+    from . import distributed
     from .data import build_corpus, load_shakespeare
     from .files import claim_files, own_folder
     from .inference import fit_map
@@ -486,7 +487,11 @@ def run_sweep(
 
     # the sweep's folder grows in place (a stopped sweep continues): bora_pyro marks it and
     # refuses a folder of the user's, or one holding the data
-    out = own_folder(out, "sweep", protect=[data] if isinstance(data, (str, os.PathLike)) else [])
+    # under torchrun every rank fits and evaluates; rank 0 writes (and marks the folder first)
+    distributed.init_from_env(resolve_device(config.train.device), config.train.distributed_timeout)
+    main = distributed.is_main()
+    with distributed.main_first():
+        out = own_folder(out, "sweep", protect=[data] if isinstance(data, (str, os.PathLike)) else [])
     state_path = out / _STATE
     settings = config.settings()
     settings["model"] = model if isinstance(model, (str, os.PathLike)) else "<object>"
@@ -533,6 +538,8 @@ def run_sweep(
                       seed=config.train.seed, progress=progress)
 
     def save_state() -> None:
+        if not main:
+            return
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
         os.replace(tmp, state_path)
@@ -563,9 +570,10 @@ def run_sweep(
             result.model_spec = spec
             test = result.evaluate("test", **eval_kwargs)
             val = result.evaluate("validation", **val_kwargs)
-            result.save(fit_dir, overwrite=True)  # a fit of this sweep killed before its state was saved
-            test.to_csv(fit_dir / "test.csv", index=False)
-            claim_files(fit_dir, ["test.csv"])
+            if main:
+                result.save(fit_dir, overwrite=True)  # a fit of this sweep killed before its state was saved
+                test.to_csv(fit_dir / "test.csv", index=False)
+                claim_files(fit_dir, ["test.csv"])
             done = {
                 "test_perplexity": float(test.attrs["overall_perplexity"]),
                 "validation_perplexity": float(val.attrs["overall_perplexity"]),
@@ -576,16 +584,19 @@ def run_sweep(
             }
             state["fits"][label] = done
             save_state()
-            remove_checkpoints(ckpt_dir)
+            if main:
+                remove_checkpoints(ckpt_dir)
             tables[label] = test
         distances[label] = _relative_distances(result.task_adapters, result.global_adapter)
 
     if "base" not in state or not (out / "base_test.csv").exists():
         base_test = result.evaluate("test", adapters="base", **eval_kwargs)
         base_val = result.evaluate("validation", adapters="base", **val_kwargs)
-        base_test.to_csv(out / "base_test.csv", index=False)
+        if main:
+            base_test.to_csv(out / "base_test.csv", index=False)
         state["base"] = {"test_perplexity": float(base_test.attrs["overall_perplexity"]),
                          "validation_perplexity": float(base_val.attrs["overall_perplexity"])}
+    distributed.barrier()  # rank 0 has written base_test.csv
     base_test = pd.read_csv(out / "base_test.csv")
 
     n_train = corpus.split("train").docs_per_task
@@ -616,7 +627,8 @@ def run_sweep(
     }
     save_state()
     sweep = SweepResult(config=config, per_task=per_task, overall=overall, distances=dist, info=info, out=out)
-    sweep.write(out)
+    if main:
+        sweep.write(out)
     return sweep
 
 

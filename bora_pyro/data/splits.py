@@ -277,6 +277,7 @@ class TaskSplit:
         sort_by_length: bool = False,
         pack: bool = False,
         row_tokens: int = DEFAULT_ROW_TOKENS,
+        part: slice | None = None,
     ) -> Iterator[Batch]:
         """Iterate once over all documents in batches that mix tasks.
 
@@ -299,6 +300,9 @@ class TaskSplit:
             a batch are the same with and without packing: a batch is always ``batch_size``
             documents, never a token budget, so a training step's likelihood scaling ``N / B``
             does not change.
+        part : slice, optional
+            Keep only these positions of each batch's ``batch_size`` documents (a data-parallel
+            rank's slice, `bora_pyro.distributed.local_slice`); the order is drawn as without it.
 
         Yields
         ------
@@ -320,7 +324,8 @@ class TaskSplit:
             order = np.arange(self.num_docs)
         stop = self.num_docs - (self.num_docs % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            yield self.batch(order[start : start + batch_size], pack=pack, row_tokens=row_tokens)
+            chosen = order[start : start + batch_size]
+            yield self.batch(chosen if part is None else chosen[part], pack=pack, row_tokens=row_tokens)
 
     # -- subsets ------------------------------------------------------------------------------
 

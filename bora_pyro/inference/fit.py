@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import distributed
 from ..config import BoraConfig, DataConfig, Settings, TrainConfig, resolve_settings
 from ..evaluation import per_task_nll
 from ..models.bora import BoraModel
@@ -31,7 +32,8 @@ from .svi import optimise_svi
 __all__ = ["fit_map", "fit_svi"]
 
 #: Training settings that steer a run but not its result: left out of ``fit_args``.
-_RUN_CONTROL = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "report_to", "report_dir", "run_name")
+_RUN_CONTROL = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "report_to", "report_dir", "run_name",
+                "distributed_timeout")
 #: Model settings that fix the adapter layout: `fit_svi` takes them from its ``init`` result.
 _LAYOUT_FIELDS = ("rank", "alpha", "target_modules", "precision_groups")
 
@@ -334,20 +336,24 @@ class _Run:
 
     def batches(self) -> _EndlessBatches:
         train = self.settings.train
-        return _endless_batches(self.train, train.batch_size, train.seed, pack=train.packing)
+        return _endless_batches(self.train, train.batch_size, train.seed, pack=train.packing,
+                                part=distributed.local_slice(train.batch_size))
 
     def record(self, method: str, **extra: Any) -> dict:
         """The fit's ``fit_args``: the data and training settings (the model's are the result's
-        ``config``), without the run controls of `_RUN_CONTROL`, and ``method``, ``steps``."""
+        ``config``), without the run controls of `_RUN_CONTROL`, and ``method``, ``steps``,
+        ``world_size`` (data-parallel ranks; the result does not depend on it)."""
         train = {k: v for k, v in self.settings.train.to_dict().items() if k not in _RUN_CONTROL}
-        return {"method": method, "steps": self.steps, **self.data_record, **train, **extra}
+        return {"method": method, "steps": self.steps, **self.data_record, **train,
+                "world_size": distributed.world_size(), **extra}
 
     def trackers(self, method: str) -> Trackers:
         """The experiment trackers of ``train.report_to`` (none: an empty `Trackers`), with the
         settings logged (the data settings the corpus was built with); closing them (a ``with``
         block) ends the run."""
         train = self.settings.train
-        trackers = make_trackers(train.report_to, report_dir=train.report_dir,
+        report_to = train.report_to if distributed.is_main() else ()  # one rank logs
+        trackers = make_trackers(report_to, report_dir=train.report_dir,
                                  run_name=train.run_name or default_run_name(method), resume=train.resume is not None)
         try:
             trackers.log_params({**self.settings.to_dict(), "data": self.data_record, "run": {
@@ -401,6 +407,7 @@ def _prepare(
 
     train = settings.train
     device = resolve_device(train.device)
+    distributed.init_from_env(device, train.distributed_timeout)  # under torchrun
     amp_dtype = autocast_dtype(train.autocast, device)
     if reuse is not None:
         base, tokenizer, _ = load_base_model(reuse[0], reuse[1], device=device)
@@ -442,20 +449,22 @@ def _prepare(
                 train.total_steps(N), validate)
 
 
-def _endless_batches(split, batch_size: int, seed: int, *, pack: bool = False) -> _EndlessBatches:
+def _endless_batches(split, batch_size: int, seed: int, *, pack: bool = False,
+                     part: slice | None = None) -> _EndlessBatches:
     """Shuffled epochs over the training documents, mixing tasks; full batches only, so that
     every minibatch is a uniform random subset of B documents (the N / B scaling is unbiased).
     ``pack`` lays each minibatch's B documents end to end in rows: the same documents, so the
-    same estimate, without the padding."""
-    return _EndlessBatches(split, batch_size, seed, pack=pack)
+    same estimate, without the padding. ``part``: a data-parallel rank's slice of each
+    minibatch (the same global minibatches are drawn on every rank)."""
+    return _EndlessBatches(split, batch_size, seed, pack=pack, part=part)
 
 
 class _EndlessBatches:
     """The iterator of `_endless_batches`, with a ``state_dict`` for checkpoints: the generator's
     state when the current epoch's order was drawn, and the batches taken from that epoch."""
 
-    def __init__(self, split, batch_size: int, seed: int, *, pack: bool = False):
-        self.split, self.batch_size, self.pack = split, batch_size, pack
+    def __init__(self, split, batch_size: int, seed: int, *, pack: bool = False, part: slice | None = None):
+        self.split, self.batch_size, self.pack, self.part = split, batch_size, pack, part
         self.generator = torch.Generator().manual_seed(seed)
         self._epoch: Iterator | None = None
         self._epoch_start: torch.Tensor | None = None
@@ -465,6 +474,7 @@ class _EndlessBatches:
         self._epoch_start = self.generator.get_state()
         self._epoch = self.split.batches(
             self.batch_size, shuffle=True, generator=self.generator, drop_last=True, pack=self.pack,
+            part=self.part,
         )
         self._position = 0
 
@@ -508,7 +518,7 @@ def _checkpointing(run: _Run, fit_args: dict) -> Checkpointing | None:
         digest.update(key.encode())
         digest.update(tensors[key].numpy().tobytes())
     settings = {
-        **{k: v for k, v in fit_args.items() if k != "device"},
+        **{k: v for k, v in fit_args.items() if k not in ("device", "world_size")},
         "config": run.settings.model.to_dict(), "model": run.spec, "tasks": list(run.corpus.tasks),
         "num_params": run.lm.num_params, "train_docs": len(run.train), "train_sha256": digest.hexdigest(),
     }

@@ -14,6 +14,7 @@ from pyro.infer import ELBO
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..config import TrainConfig
 from ..data import IGNORE_INDEX
 from ..models.bora import BoraModel
@@ -199,12 +200,16 @@ class Stepper:
             self.last_grad_norm = math.nan
             return math.nan
         loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        distributed.all_reduce_gradients(params)  # data parallel: the mean over ranks
         self.after_backward()
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
         self.optimizer.step()
         self.scheduler.step()
-        value, self.last_grad_norm = torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).tolist()
+        # data parallel: the global batch's loss is the mean of the ranks' (see bora_pyro.distributed)
+        loss = distributed.sum_over_ranks(loss.detach()) / distributed.world_size()
+        value, self.last_grad_norm = torch.stack([loss, grad_norm.to(loss.dtype)]).tolist()
         return value
 
     def after_backward(self) -> None:
@@ -347,7 +352,7 @@ def run_steps(
         best_step, bad_evals, stopped_early = loop["best_step"], loop["bad_evals"], loop["stopped_early"]
         start = checkpointing.resume.step + 1
     bar = tqdm(range(start, start if stopped_early else steps), initial=start, total=steps,
-               desc=stepper.name, disable=not train.progress, dynamic_ncols=True)
+               desc=stepper.name, disable=not (train.progress and distributed.is_main()), dynamic_ncols=True)
     batch = first
     for step in bar:
         if step > start:
@@ -363,8 +368,11 @@ def run_steps(
             bar.close()
             raise FloatingPointError(_divergence_message(stepper, step, loss, checkpointing)) from None
         history["seconds"].append(time.perf_counter() - started)
-        n_tokens = _scored_tokens(batch)
-        train_nll = model.last_nll / n_tokens if n_tokens else math.nan
+        n_tokens, nll = _scored_tokens(batch), model.last_nll
+        if distributed.active():  # the global batch's NLL per token
+            nll, n_tokens = distributed.sum_over_ranks(torch.tensor([nll, float(n_tokens)], dtype=torch.float64,
+                                                                    device=stepper.device)).tolist()
+        train_nll = nll / n_tokens if n_tokens else math.nan
         history["step"].append(step)
         history["loss"].append(loss / model.num_docs)
         history["train_nll"].append(train_nll)
@@ -394,10 +402,11 @@ def run_steps(
             if not stepper.is_finite():
                 bar.close()
                 raise FloatingPointError(_divergence_message(stepper, step, loss, checkpointing))
-            checkpointing.save(step, stepper=stepper, batches=batches, loop={
-                "history": history, "best_value": best_value, "best_state": best_state,
-                "best_step": best_step, "bad_evals": bad_evals, "stopped_early": stopped_early,
-            })
+            if distributed.is_main():  # every rank holds the same state
+                checkpointing.save(step, stepper=stepper, batches=batches, loop={
+                    "history": history, "best_value": best_value, "best_state": best_state,
+                    "best_step": best_step, "bad_evals": bad_evals, "stopped_early": stopped_early,
+                })
         if stopped_early:
             break
     bar.close()

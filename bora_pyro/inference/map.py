@@ -10,7 +10,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
 
-from .. import checks
+from .. import checks, distributed
 from ..config import PARAMETERIZATIONS, TrainConfig
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
 from ..models.prior import PointMass
@@ -209,8 +209,10 @@ class MAPStepper(Stepper):
         ):
             theta, _ = self.point()
             with self.amp():
-                grad = self.fisher_sampler.sampled_gradients(theta, self._batch, self.generator)
-            self.mc_fisher.add(grad.square(), self._batch.task_ids)
+                grad = self.fisher_sampler.sampled_gradients(
+                    theta, self._batch, distributed.rank_generator(self.generator))
+            # data parallel: every rank adds the documents of every rank's slice
+            self.mc_fisher.add(*distributed.gather_rows(grad.square(), self._batch.task_ids))
         if self._is_update(done):
             theta, theta_g = self.point()
             if self.mc_fisher is not None:
