@@ -235,7 +235,7 @@ def per_doc_nll(
         _require_documents(split)
         mine = torch.from_numpy(distributed.shard_indices(len(split))).to(device)
         own = split.select(mine.cpu().numpy())
-    if len(own):
+    if mine is None or len(own):  # a rank may have no document of a tiny split
         for batch, row_nll, _ in iterate_split(
             lm, own, adapters, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
             progress=progress and distributed.is_main(), desc=f"evaluate {split.name}",
