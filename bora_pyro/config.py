@@ -356,6 +356,10 @@ class TrainConfig(_Settings):
         Seeds the split, the adapter initialisation, the minibatch order and the Monte Carlo draws.
     progress
         Show progress bars.
+    quantize, device_map
+        The frozen base loaded quantised by bitsandbytes (``"4bit"``: NF4, fp32 compute;
+        ``"8bit"``), and transformers' ``device_map`` (``"auto"``: spread over the GPUs); see
+        `bora_pyro.models.base.load_base_model`. The adapters stay fp32.
     distributed_timeout
         Under ``torchrun`` (data parallel, `bora_pyro.distributed`): seconds a rank waits for the
         others at a collective before the run fails with `~bora_pyro.distributed.DistributedError`.
@@ -428,6 +432,11 @@ class TrainConfig(_Settings):
         default=None, metadata=_help("run the frozen base model in this precision (CUDA)", choices=AUTOCAST_CHOICES))
     seed: int = field(default=0, metadata=_help("seed of the split, initialisation, batch order and draws"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
+    quantize: str | None = field(
+        default=None, metadata=_help("load the frozen base quantised by bitsandbytes (QLoRA style; adapters "
+                                     "stay fp32; needs bora-pyro[quantize])", choices=("4bit", "8bit")))
+    device_map: str | None = field(
+        default=None, metadata=_help("transformers' device_map for the base, e.g. 'auto' to spread it over GPUs"))
     distributed_timeout: float = field(
         default=1800.0, metadata=_help("under torchrun: seconds a rank waits for the others at a collective "
                                        "before the run fails"))
@@ -489,6 +498,8 @@ class TrainConfig(_Settings):
         self.seed = checks.non_negative_int("seed", self.seed)
         if not isinstance(self.progress, bool):
             raise ValueError(f"progress must be True or False, got progress={self.progress!r}.")
+        if self.quantize is not None:
+            checks.choice("quantize", self.quantize, ("4bit", "8bit"))
         self.distributed_timeout = checks.positive_number("distributed_timeout", self.distributed_timeout)
         for name in ("checkpoint_dir", "resume"):
             value = getattr(self, name)

@@ -516,7 +516,8 @@ def run_sweep(
 
     started = time.perf_counter()
     device = resolve_device(config.train.device)
-    base, tokenizer, spec = load_base_model(model, tokenizer, device=device)
+    base, tokenizer, spec = load_base_model(model, tokenizer, device=device, quantize=config.train.quantize,
+                                            device_map=config.train.device_map)
     # the tasks: data.tasks if set; else the config's characters pick tasks of the built-in
     # data, and of your own data only when characters= is passed explicitly
     tasks = config.data.tasks

@@ -413,7 +413,8 @@ def _prepare(
         base, tokenizer, _ = load_base_model(reuse[0], reuse[1], device=device)
         spec = reuse[2]
     else:
-        base, tokenizer, spec = load_base_model(model, tokenizer, device=device)
+        base, tokenizer, spec = load_base_model(model, tokenizer, device=device, quantize=train.quantize,
+                                                device_map=train.device_map)
     if isinstance(data, TaskCorpus):
         corpus = data
         data_record = {name: corpus.options.get(name) for name in DataConfig.field_names()}

@@ -129,6 +129,8 @@ def load_base_model(
     device: str | torch.device = "auto",
     dtype: torch.dtype | str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    quantize: str | None = None,
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Load the frozen base causal LM and its tokenizer.
 
@@ -149,6 +151,13 @@ def load_base_model(
         its dtype.
     cache_dir : str or os.PathLike, optional
         Where de-quantised GGUF models are cached; default :func:`default_cache_dir`.
+    quantize : {"4bit", "8bit"}, optional
+        Load the frozen base quantised by bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True)``,
+        NF4 with fp32 compute, or ``load_in_8bit=True``), as in QLoRA; the adapters stay fp32
+        on top. Needs ``pip install bora-pyro[quantize]`` and a model directory or hub id.
+    device_map : str, optional
+        transformers' ``device_map`` (e.g. ``"auto"``: the base spread over every visible GPU
+        when it does not fit on one); the model is then not moved to ``device``.
 
     Returns
     -------
@@ -188,7 +197,8 @@ def load_base_model(
         loaded, spec = model, "<object>"
     elif isinstance(model, (str, os.PathLike)):
         loaded, own_tokenizer, spec = _load_named(
-            model, torch_dtype, cache_root, need_tokenizer=tokenizer is None
+            model, torch_dtype, cache_root, need_tokenizer=tokenizer is None,
+            load_kwargs=_placement_kwargs(quantize, device_map, target),
         )
         if tokenizer is None:
             tokenizer = own_tokenizer
@@ -199,7 +209,8 @@ def load_base_model(
         )
     tokenizer = _load_tokenizer(tokenizer)
     check_vocabulary(loaded, tokenizer)
-    loaded = loaded.to(target)
+    if quantize is None and device_map is None:  # else transformers placed it
+        loaded = loaded.to(target)
     loaded.eval()
     loaded.requires_grad_(False)
     return loaded, tokenizer, spec
@@ -361,13 +372,50 @@ def _looks_like_path(name: str) -> bool:
     return "\\" in name or name.count("/") > 1
 
 
+#: Quantisations of the frozen base (`load_base_model`'s ``quantize``).
+QUANTIZE_CHOICES = ("4bit", "8bit")
+
+
+def _placement_kwargs(quantize: str | None, device_map: str | None, target: torch.device) -> dict:
+    """``from_pretrained`` keywords for a quantised (bitsandbytes) or spread (``device_map``) base."""
+    if quantize is None and device_map is None:
+        return {}
+    kwargs: dict[str, Any] = {"device_map": device_map if device_map is not None else str(target)}
+    if quantize is not None:
+        from ..checks import choice
+
+        choice("quantize", quantize, QUANTIZE_CHOICES)
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                f"quantize={quantize!r} needs bitsandbytes: pip install 'bora-pyro[quantize]'."
+            ) from err
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            if quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True)
+        )
+    return kwargs
+
+
 def _load_named(
-    model: str | os.PathLike, dtype: torch.dtype | str, cache_root: Path, *, need_tokenizer: bool
+    model: str | os.PathLike, dtype: torch.dtype | str, cache_root: Path, *, need_tokenizer: bool,
+    load_kwargs: dict | None = None,
 ) -> tuple[Any, Any, str]:
-    """Load a model given by name, path or hub id; returns (model, tokenizer or None, spec)."""
+    """Load a model given by name, path or hub id; returns (model, tokenizer or None, spec).
+    ``load_kwargs`` (quantisation, device map) go to ``from_pretrained`` of a directory or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    load_kwargs = load_kwargs or {}
     name = os.fspath(model)
+    gguf = name.lower().endswith(".gguf") or (not isinstance(model, os.PathLike) and name.strip().lower() in _DEFAULT_ALIASES)
+    if load_kwargs and gguf:
+        raise ValueError(
+            f"quantize / device_map load a model directory or hub id, not {name!r} (a GGUF model, "
+            "de-quantised to float on load); pass a model directory."
+        )
     if not isinstance(model, os.PathLike) and name.strip().lower() in _DEFAULT_ALIASES:
         loaded, tok = _load_default(cache_root, dtype)
         return loaded, tok, DEFAULT_MODEL
@@ -383,7 +431,7 @@ def _load_named(
             cache_name = f"gguf-{path.stem.lower()}-{_file_key(path):08x}"
             loaded, tok = _load_gguf_cached(path, cache_root / cache_name, dtype)
             return loaded, tok, str(path)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **load_kwargs)
         tok = None
         if need_tokenizer:
             try:
@@ -401,11 +449,11 @@ def _load_named(
         )
     try:
         # the local Hugging Face cache first: without a network the hub client retries for ~1 min
-        return _load_hub(name, dtype, need_tokenizer=need_tokenizer, local_files_only=True)
+        return _load_hub(name, dtype, need_tokenizer=need_tokenizer, local_files_only=True, **load_kwargs)
     except OSError:
         pass
     try:
-        return _load_hub(name, dtype, need_tokenizer=need_tokenizer, local_files_only=False)
+        return _load_hub(name, dtype, need_tokenizer=need_tokenizer, local_files_only=False, **load_kwargs)
     except OSError as err:
         raise OSError(
             f"could not load model={name!r}: it is not a local directory, and as a hub id it "
@@ -417,12 +465,12 @@ def _load_named(
 
 
 def _load_hub(
-    name: str, dtype: torch.dtype | str, *, need_tokenizer: bool, local_files_only: bool
+    name: str, dtype: torch.dtype | str, *, need_tokenizer: bool, local_files_only: bool, **load_kwargs: Any
 ) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"local_files_only": local_files_only}
-    loaded = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs, **load_kwargs)
     tok = AutoTokenizer.from_pretrained(name, **kwargs) if need_tokenizer else None
     return loaded, tok, name
 
