@@ -313,6 +313,89 @@ class SweepResult:
         imp = self.improvement(best)
         return {c: int((imp[c] > 0).sum()) for c in imp.columns if c.startswith("vs_")}
 
+    def compare(
+        self,
+        *,
+        taus: Sequence[str] | None = None,
+        model: Any = None,
+        tokenizer: Any = None,
+        device: str | None = None,
+        method: str = "stacking",
+        extra: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> pd.DataFrame:
+        """Rank the sweep's fits the arviz way: ``az.compare`` over their held-out log-likelihood.
+
+        Each saved fit (``out/fits/<label>``) is loaded and scored on the sweep's test documents
+        (the same subset as the tables: ``eval_docs_per_task`` per task, the config's seed),
+        one forward pass over them per fit (`bora_pyro.reports.heldout_log_likelihood`). The
+        sweep's fits are MAP fits, one point each, so ``az.loo`` (which needs posterior draws)
+        does not apply; and since the test documents were held out of every fit, none is
+        needed: each fit's elpd is the sum over test documents of ``log p(doc | theta_MAP)``,
+        its standard errors and the weights come from the per-document values
+        (`bora_pyro.reports.heldout_elpd`). The ranking is that of the overall test
+        perplexity (``elpd = -nll``), with a standard error ``dse`` on each difference to the
+        best fit, which the perplexity table lacks, and arviz's stacking weights.
+
+        Parameters
+        ----------
+        taus
+            Labels of the fits to compare (default: all fitted, `fitted`), at least two.
+        model, tokenizer
+            The sweep's base model (default: the one recorded in ``sweep.json``; a sweep fitted
+            on a model object needs it again).
+        device
+            Default: the sweep's ``device`` setting.
+        method
+            ``az.compare``'s weights: ``"stacking"``, ``"BB-pseudo-BMA"`` or ``"pseudo-BMA"``.
+        extra
+            More fits to rank with them, ``{name: InferenceData}`` scored on the same test
+            documents (e.g. ``to_inference_data(svi_result, max_docs_per_task=
+            config.eval_docs_per_task, seed=config.train.seed)`` of an SVI fit of the same
+            corpus and split); the documents are checked.
+        progress
+            Show progress bars.
+
+        Returns
+        -------
+        arviz's comparison DataFrame indexed by ``tau=<label>`` (and the names in ``extra``),
+        best first; ``elpd_loo`` holds the held-out elpd (see `bora_pyro.reports.compare_fits`).
+        """
+        from .models.base import load_base_model
+        from .reports.arviz import compare_fits, heldout_log_likelihood
+        from .result import load_result
+        from .runtime import resolve_device
+
+        if self.out is None:
+            raise ValueError("This SweepResult has no folder (out=None): compare() reads the fits saved by run_sweep.")
+        if taus is None:
+            labels = list(self.fitted)
+        else:
+            try:
+                labels = [tau_label(_parse_label(t) if isinstance(t, str) else t) for t in taus]
+            except ValueError:
+                labels = [str(t) for t in taus]
+        missing = [lbl for lbl in labels if lbl not in self.fitted]
+        if missing:
+            raise ValueError(f"taus={list(taus)} names fits this sweep does not have ({missing}); fitted: {self.fitted}.")
+        if model is None:
+            recorded = json.loads((Path(self.out) / _STATE).read_text()).get("settings", {}).get("model")
+            if recorded in (None, "<object>"):
+                raise ValueError(f"The sweep in {self.out} was fitted on a model object: pass model= and tokenizer=.")
+            model = recorded
+        device = resolve_device(device or self.config.train.device)
+        base, tokenizer, spec = load_base_model(model, tokenizer, device=device)
+        fits: dict[str, Any] = {}
+        for label in labels:
+            result = load_result(Path(self.out) / "fits" / label.replace("+", ""), model=base, tokenizer=tokenizer,
+                                 device=device)
+            fits[f"tau={label}"] = heldout_log_likelihood(
+                result, split="test", max_docs_per_task=self.config.eval_docs_per_task,
+                seed=self.config.train.seed, progress=progress,
+            )
+        fits.update(extra or {})
+        return compare_fits(fits, method=method)
+
     def overall_markdown(self) -> str:
         """The overall table (like the paper's Table 1) as Markdown."""
         import pandas as pd

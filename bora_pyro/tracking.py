@@ -10,7 +10,12 @@ names of transformers' ``report_to=``) opens one run per fit with `make_trackers
   ``train_nll``, ``lr``, ``step_seconds``, ``tau/<group>``; after each validation ``val_nll``,
   ``val_perplexity`` and ``val_perplexity_per_task/<task>``;
 - at the end (`log_fit_end`): the history (``history.csv``) and the per-task validation
-  perplexity of the kept state (``validation_per_task.csv`` and ``.md``) as artifacts.
+  perplexity of the kept state as a table (``validation_per_task.csv`` and ``.md`` artifacts;
+  TensorBoard: text, W&B: a ``wandb.Table``);
+- the report, when it is written with ``result.report(path, report_to=..., run_name=...)``
+  (`log_report`, into the same run): its figures as images (``report/tau``,
+  ``report/shrinkage``, ...; TensorBoard ``add_figure``, MLflow PNG artifacts, W&B
+  ``wandb.Image``), its per-task table, and the HTML and Markdown files as artifacts.
 
 Everything is written under ``report_dir`` (default ``runs``) and works offline:
 
@@ -38,13 +43,16 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .config import parse_report_to
 
+if TYPE_CHECKING:  # pandas is imported where used: `bora --help` stays fast
+    import pandas as pd
+
 __all__ = [
     "Tracker", "Trackers", "TensorBoardTracker", "MLflowTracker", "WandbTracker",
-    "make_trackers", "require_trackers", "flatten_params", "log_fit_end", "default_run_name",
+    "make_trackers", "require_trackers", "flatten_params", "log_fit_end", "log_report", "default_run_name",
 ]
 
 #: Per backend: the modules it imports and the extra (and package) that provides them.
@@ -115,6 +123,16 @@ class Tracker:
         """Store a text file ``name`` (e.g. ``"validation_per_task.csv"``) with the run."""
         raise NotImplementedError
 
+    def log_table(self, name: str, table: pd.DataFrame, step: int) -> None:
+        """Record a table (``name`` without extension, e.g. ``"validation_per_task"``) at ``step``:
+        ``name.csv`` and ``name.md`` as artifacts, and what the backend shows as a table."""
+        raise NotImplementedError
+
+    def log_figure(self, name: str, figure: Any, step: int) -> None:
+        """Record a matplotlib figure (``name`` without extension, e.g. ``"report/shrinkage"``)
+        at ``step`` as an image."""
+        raise NotImplementedError
+
     def close(self, success: bool = True) -> None:
         """End the run, marked as failed when ``success`` is False."""
         raise NotImplementedError
@@ -122,8 +140,8 @@ class Tracker:
 
 class TensorBoardTracker(Tracker):
     """Event files in ``log_dir`` via ``torch.utils.tensorboard.SummaryWriter``: metrics as
-    scalars, settings as hparams and a text summary, artifacts as files in ``log_dir`` (and
-    Markdown ones as text)."""
+    scalars, settings as hparams and a text summary, tables as text (Markdown), figures as
+    images, artifacts as files in ``log_dir`` (and Markdown ones as text)."""
 
     name = "tensorboard"
 
@@ -147,9 +165,20 @@ class TensorBoardTracker(Tracker):
             self.writer.add_scalar(key, value, step)
 
     def log_artifact(self, name: str, text: str) -> None:
-        (self.log_dir / name).write_text(text)
+        path = self.log_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
         if name.endswith(".md"):
             self.writer.add_text(name, text)
+
+    def log_table(self, name: str, table: pd.DataFrame, step: int) -> None:
+        (self.log_dir / f"{name}.csv").parent.mkdir(parents=True, exist_ok=True)
+        (self.log_dir / f"{name}.csv").write_text(table.to_csv(index=False), encoding="utf-8")
+        (self.log_dir / f"{name}.md").write_text(_markdown(table), encoding="utf-8")
+        self.writer.add_text(name, _markdown(table), step)
+
+    def log_figure(self, name: str, figure: Any, step: int) -> None:
+        self.writer.add_figure(name, figure, step, close=False)
 
     def close(self, success: bool = True) -> None:
         self.writer.close()
@@ -157,18 +186,26 @@ class TensorBoardTracker(Tracker):
 
 class MLflowTracker(Tracker):
     """A run of the MLflow client (`mlflow.MlflowClient`, no global active run) in the
-    experiment ``experiment`` at ``tracking_uri``. Names are made valid for MLflow (characters
-    other than letters, digits, ``_ - . / :`` and spaces become ``_``)."""
+    experiment ``experiment`` at ``tracking_uri``: a new run, or with ``attach`` the latest run
+    named ``run_name`` when there is one. Names are made valid for MLflow (characters other than
+    letters, digits, ``_ - . / :`` and spaces become ``_``). Tables are CSV and Markdown
+    artifacts, figures PNG artifacts (``MlflowClient.log_figure``)."""
 
     name = "mlflow"
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str):
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, *, attach: bool = False):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        latest = self.client.search_runs(
+            [experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        ) if attach and "'" not in run_name else []
+        #: Logging into an earlier run (``attach``): its status is left as it is.
+        self.attached = bool(latest)
+        self.run_id = latest[0].info.run_id if latest else self.client.create_run(experiment_id, run_name=run_name).info.run_id
 
     @staticmethod
     def _key(name: str) -> str:
@@ -188,13 +225,22 @@ class MLflowTracker(Tracker):
     def log_artifact(self, name: str, text: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
+    def log_table(self, name: str, table: pd.DataFrame, step: int) -> None:
+        self.client.log_text(self.run_id, table.to_csv(index=False), f"{name}.csv")
+        self.client.log_text(self.run_id, _markdown(table), f"{name}.md")
+
+    def log_figure(self, name: str, figure: Any, step: int) -> None:
+        self.client.log_figure(self.run_id, figure, f"{name}.png")
+
     def close(self, success: bool = True) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if success else "FAILED")
+        if not self.attached:
+            self.client.set_terminated(self.run_id, "FINISHED" if success else "FAILED")
 
 
 class WandbTracker(Tracker):
     """A W&B run (``wandb.init``), offline unless ``WANDB_MODE`` says otherwise; settings go
-    to its config, artifacts to its files."""
+    to its config, artifacts to its files, tables as ``wandb.Table``, figures as
+    ``wandb.Image``."""
 
     name = "wandb"
 
@@ -215,8 +261,20 @@ class WandbTracker(Tracker):
 
     def log_artifact(self, name: str, text: str) -> None:
         path = Path(self.run.dir) / name
-        path.write_text(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
         self.run.save(str(path), base_path=self.run.dir, policy="now")
+
+    def log_table(self, name: str, table: pd.DataFrame, step: int) -> None:
+        import wandb
+
+        self.log_artifact(f"{name}.csv", table.to_csv(index=False))
+        self.run.log({name: wandb.Table(dataframe=table)}, step=step)
+
+    def log_figure(self, name: str, figure: Any, step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(figure)}, step=step)
 
     def close(self, success: bool = True) -> None:
         self.run.finish(exit_code=0 if success else 1)
@@ -251,6 +309,14 @@ class Trackers:
         for t in self.trackers:
             t.log_artifact(name, text)
 
+    def log_table(self, name: str, table: pd.DataFrame, step: int) -> None:
+        for t in self.trackers:
+            t.log_table(name, table, step)
+
+    def log_figure(self, name: str, figure: Any, step: int) -> None:
+        for t in self.trackers:
+            t.log_figure(name, figure, step)
+
     def close(self, success: bool = True) -> None:
         """Close every tracker, even when one fails (the first error is raised after)."""
         error = None
@@ -276,6 +342,7 @@ def make_trackers(
     report_dir: str | os.PathLike = "runs",
     run_name: str,
     resume: bool = False,
+    attach: bool = False,
 ) -> Trackers:
     """Open one run named ``run_name`` in each tracker of ``report_to``.
 
@@ -293,6 +360,11 @@ def make_trackers(
     resume
         A fit resumed from a checkpoint: TensorBoard appends to ``<run_name>`` (its curves
         continue); MLflow and W&B open a new run of the same name.
+    attach
+        Add to the run ``run_name`` that a fit already wrote (e.g. its report, `log_report`):
+        TensorBoard appends to its folder, MLflow logs into the latest run of that name (a new
+        one if there is none) and leaves its status as it is; W&B opens a new run of that name
+        (an offline run cannot be reopened by name).
 
     Raises
     ------
@@ -309,9 +381,9 @@ def make_trackers(
     try:
         for name in names:
             if name == "tensorboard":
-                opened.append(TensorBoardTracker(_run_folder(report_dir / "tensorboard", run_name, resume)))
+                opened.append(TensorBoardTracker(_run_folder(report_dir / "tensorboard", run_name, resume or attach)))
             elif name == "mlflow":
-                opened.append(MLflowTracker(_mlflow_uri(report_dir), _mlflow_experiment(), run_name))
+                opened.append(MLflowTracker(_mlflow_uri(report_dir), _mlflow_experiment(), run_name, attach=attach))
             else:
                 opened.append(WandbTracker(report_dir, run_name))
     except BaseException:
@@ -343,21 +415,49 @@ def _mlflow_experiment() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "bora_pyro"
 
 
+def _markdown(table: pd.DataFrame) -> str:
+    return table.to_markdown(index=False, floatfmt=".3f") + "\n"
+
+
 def log_fit_end(trackers: Trackers, result: Any, *, max_docs_per_task: int | None = None, seed: int = 0) -> None:
     """Log what a finished fit leaves: ``history.csv`` (one row per step) and, when the corpus
-    has validation documents, the per-task validation perplexity of the kept state
-    (``validation_per_task.csv`` / ``.md``, `BoraResult.evaluate` at the posterior mean, on the
-    documents validation used during training: ``max_docs_per_task`` per task, ``seed``).
+    has validation documents, the per-task validation perplexity of the kept state (the table
+    ``validation_per_task``, see `Tracker.log_table`; `BoraResult.evaluate` at the posterior
+    mean, on the documents validation used during training: ``max_docs_per_task`` per task,
+    ``seed``) and its overall value as the metric ``final/val_perplexity``, at the last step.
     Nothing is computed without trackers."""
     if not trackers:
         return
     trackers.log_artifact("history.csv", result.history_frame().to_csv(index=False))
     if not len(result.corpus.split("validation")):
         return
+    last = result.history["step"][-1] if result.history.get("step") else 0
     table = result.evaluate("validation", max_docs_per_task=max_docs_per_task, num_samples=0, seed=seed)
-    trackers.log_artifact("validation_per_task.csv", table.to_csv(index=False))
-    trackers.log_artifact("validation_per_task.md", table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    trackers.log_table("validation_per_task", table, last)
     overall = float(table.attrs["overall_perplexity"])
     if math.isfinite(overall):
-        last = result.history["step"][-1] if result.history.get("step") else 0
         trackers.log_metrics({"final/val_perplexity": overall}, last)
+
+
+def log_report(
+    report: str | os.PathLike,
+    figures: dict[str, Any],
+    table: pd.DataFrame,
+    *,
+    report_to: Any,
+    report_dir: str | os.PathLike = "runs",
+    run_name: str,
+    step: int = 0,
+) -> None:
+    """Log a written report to the run ``run_name`` (`make_trackers` with ``attach=True``: the
+    fit's own run when it was tracked under that name): each figure as ``report/<name>``
+    (`Tracker.log_figure`), the per-task table as ``report/tasks`` (`Tracker.log_table`), and
+    the HTML file and its Markdown twin as the artifacts ``report/<file name>``; all at ``step``
+    (the fit's last step)."""
+    report = Path(report)
+    with make_trackers(report_to, report_dir=report_dir, run_name=run_name, attach=True) as trackers:
+        for name, figure in figures.items():
+            trackers.log_figure(f"report/{name}", figure, step)
+        trackers.log_table("report/tasks", table, step)
+        for path in (report, report.with_suffix(".md")):
+            trackers.log_artifact(f"report/{path.name}", path.read_text(encoding="utf-8"))

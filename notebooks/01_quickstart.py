@@ -41,12 +41,6 @@
 # numbers are then meaningless: it only checks that the code runs.
 
 # %%
-# Settings: the only cell that differs between a real run and the fast mode.
-# Real run: the `bora demo` settings (bora_pyro.cli.DEMO): SmolLM2-135M-Instruct, the 24 characters
-# of DEFAULT_CHARACTERS, LoRA on q_proj and v_proj, speeches cut to 128 tokens, 90 steps of 8.
-# Fast mode (environment variable BORA_PYRO_FAST=1, set by the tests): a tiny random model with a
-# character tokenizer, 4 characters, short documents, a few steps. It checks that the notebook
-# runs, in seconds; its numbers mean nothing.
 import os
 
 import torch

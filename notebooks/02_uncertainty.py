@@ -21,9 +21,11 @@
 #
 # 1. fits BoRA by MAP and then by SVI, starting from the MAP fit,
 # 2. summarises the posterior with arviz (`bora_pyro.to_inference_data`, `az.summary`),
-# 3. draws a forest plot of each task's distance to the global adapter,
-# 4. evaluates the posterior-predictive test perplexity with intervals,
-# 5. writes the HTML report.
+# 3. ranks a small grid of tau (and the SVI posterior) the arviz way, `SweepResult.compare()`,
+#    next to the test-perplexity table,
+# 4. draws a forest plot of each task's distance to the global adapter,
+# 5. evaluates the posterior-predictive test perplexity with intervals,
+# 6. writes the HTML report.
 #
 # How the posterior starts: each posterior sd starts at the Laplace value `1 / sqrt(h + tau)`,
 # with `h` a Monte-Carlo estimate of the true Fisher of the task's training speeches at the MAP
@@ -31,23 +33,20 @@
 # (`scale_lr`). So even a short run reports intervals of the right order; they widen as a task's
 # training data shrink (see `docs/map-vs-svi.md` for the tiny-LM check against exact Laplace sds).
 #
-# Run time: the MAP fit of `bora demo`, about as long again for SVI, and one pass over the test
-# subset per posterior draw; on a CPU, expect a few times the run time of `bora demo`.
+# Run time: sized to finish in under 15 minutes on a 2-core CPU (12 characters, short fits); the
+# numbers are those of short runs, not of converged fits.
 
 # %% [markdown]
 # ## Settings
 #
-# As in `01_quickstart.ipynb`, plus SVI's steps and the number of posterior draws. With
-# `BORA_PYRO_FAST=1` the cell swaps in a tiny random model, four characters and a few steps, so
-# that the notebook runs in seconds (numbers meaningless).
+# The only cell that differs between a real run and the fast mode. Real run: SmolLM2-135M-Instruct
+# on the first 12 characters of `DEFAULT_CHARACTERS` (Hamlet, Othello and Macbeth, four each), LoRA
+# rank 8 on `q_proj` and `v_proj`, speeches cut to 96 tokens, short fits (MAP, then SVI, then a
+# grid of three tau). With the environment variable `BORA_PYRO_FAST=1` (set by the tests) the cell
+# swaps in a tiny random model, four characters and a few steps, so that the notebook runs in
+# seconds (numbers meaningless).
 
 # %%
-# Settings: the only cell that differs between a real run and the fast mode.
-# Real run: the `bora demo` settings (bora_pyro.cli.DEMO): SmolLM2-135M-Instruct, the 24 characters
-# of DEFAULT_CHARACTERS, LoRA on q_proj and v_proj, speeches cut to 128 tokens, 90 steps of 8.
-# Fast mode (environment variable BORA_PYRO_FAST=1, set by the tests): a tiny random model with a
-# character tokenizer, 4 characters, short documents, a few steps. It checks that the notebook
-# runs, in seconds; its numbers mean nothing.
 import os
 
 import torch
@@ -57,15 +56,19 @@ from bora_pyro.testing import char_tokenizer, tiny_causal_lm
 
 FAST = os.environ.get("BORA_PYRO_FAST") == "1"
 SETTINGS = dict(
-    characters=list(DEFAULT_CHARACTERS),   # the tasks
+    characters=list(DEFAULT_CHARACTERS[:12]),  # the tasks
     model="smollm2-135m", tokenizer=None,  # the default base model
     target_modules=["q_proj", "v_proj"],   # LoRA on these layers (rank 8, alpha 16)
-    max_length=128,                        # tokens per speech (longer ones are cut)
-    batch_size=8, max_steps=90, lr=2e-3,
-    eval_every=30, max_eval_docs_per_task=4,  # validation (early stopping) on 4 speeches per character
-    eval_docs_per_task=10,                 # test speeches per character in the tables below
-    svi_steps=90,                          # SVI steps after the MAP fit
+    max_length=96,                         # tokens per speech (longer ones are cut)
+    batch_size=8, max_steps=60, lr=2e-3,
+    eval_every=20, max_eval_docs_per_task=4,  # validation (early stopping) on 4 speeches per character
+    eval_docs_per_task=8,                  # test speeches per character in the tables below
+    svi_steps=40,                          # SVI steps after the MAP fit
+    laplace_passes=1,                      # passes over the training speeches for SVI's starting sds
     num_samples=8,                         # posterior draws for the predictive perplexity
+    sweep_taus=(0.0, 1e4, float("inf")),   # the grid ranked by SweepResult.compare()
+    sweep_steps=40,                        # MAP steps per tau of the grid
+    sweep_out="outputs/02_sweep",
     report="outputs/02_uncertainty_report.html",
 )
 if FAST:
@@ -73,6 +76,7 @@ if FAST:
     SETTINGS.update(
         characters=list(DEFAULT_CHARACTERS[:4]), model=tiny_causal_lm(), tokenizer=char_tokenizer(),
         max_length=48, max_steps=30, eval_every=10, eval_docs_per_task=5, svi_steps=30, num_samples=4,
+        sweep_steps=10,
     )
 print("fast mode" if FAST else "real run", {k: v for k, v in SETTINGS.items() if k not in ("model", "tokenizer")})
 
@@ -114,7 +118,7 @@ map_result
 
 # %%
 post = bora_pyro.fit_svi(
-    None, init=map_result,
+    None, init=map_result, laplace_passes=SETTINGS["laplace_passes"],
     max_steps=SETTINGS["svi_steps"], lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"],
     eval_every=SETTINGS["eval_every"], max_eval_docs_per_task=SETTINGS["max_eval_docs_per_task"],
     seed=0,
@@ -155,24 +159,39 @@ idata.constant_data[["n_train_docs", "shrinkage", "point_relative_distance"]].to
 az.summary(idata, var_names=["relative_distance"], kind="stats", hdi_prob=0.95)
 
 # %% [markdown]
-# ## Ranking fits the arviz way: `az.loo` and `az.compare`
+# ## A grid of tau, ranked the arviz way
 #
-# The test speeches are held out, so `az.loo` on the `log_likelihood` group estimates the held-out
-# expected log predictive density (elpd) of the posterior, and `az.compare` ranks fits evaluated on
-# the same speeches. Here BoRA's posterior is compared with independent adapters (tau = 0), fitted
-# by SVI from the same MAP start. Both need posterior draws: a MAP result is a single point.
+# `bora_pyro.sweep.run_sweep` fits one MAP model per tau on one split (here independent adapters,
+# tau = 1e4 and one pooled adapter; the same data settings as above, so the same split and test
+# speeches) and tabulates their test perplexity. `SweepResult.compare()` ranks the same fits with
+# `az.compare` over their held-out log-likelihood, `log p(speech | theta)` for every test speech.
+# The speeches were held out of every fit, so no leave-one-out is needed: `elpd_loo` is the summed
+# held-out log predictive density (nats; higher is better), `dse` the standard error of each
+# difference to the best fit (from the per-speech differences), `weight` arviz's stacking weights.
+# A MAP fit is one point, so its density is the plug-in value; the SVI posterior from above joins
+# the ranking (`extra=`) with its posterior-predictive density over `num_samples` draws.
+# (`az.loo(idata)` runs on the SVI InferenceData too, but PSIS-LOO re-weights the draws as if each
+# test speech had been fitted, which underestimates a held-out density.)
 
 # %%
-independent = bora_pyro.fit_svi(
-    None, init=map_result, tau=0.0,
-    max_steps=SETTINGS["svi_steps"], lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"],
-    eval_every=SETTINGS["eval_every"], max_eval_docs_per_task=SETTINGS["max_eval_docs_per_task"],
-    seed=0,
+import math
+
+from bora_pyro.sweep import run_sweep
+
+sweep = run_sweep(
+    data, config="cpu", out=SETTINGS["sweep_out"], model=SETTINGS["model"], tokenizer=SETTINGS["tokenizer"],
+    characters=SETTINGS["characters"], taus=SETTINGS["sweep_taus"], target_modules=SETTINGS["target_modules"],
+    max_length=SETTINGS["max_length"], batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"],
+    max_steps=SETTINGS["sweep_steps"], eval_every=SETTINGS["eval_every"],
+    max_eval_docs_per_task=SETTINGS["max_eval_docs_per_task"], eval_docs_per_task=k, progress=False,
 )
-idata_independent = bora_pyro.to_inference_data(
-    independent, max_docs_per_task=k, num_samples=max(100, S), predictive_samples=S)
-print(az.loo(idata))
-az.compare({"BoRA": idata, "tau=0": idata_independent})
+print(sweep.overall_markdown())
+
+# %%
+ranking = sweep.compare(model=SETTINGS["model"], tokenizer=SETTINGS["tokenizer"],
+                        extra={"SVI (learned tau)": idata})
+ranking["test perplexity"] = [math.exp(-e / int(idata.constant_data["n_eval_tokens"].sum())) for e in ranking["elpd_loo"]]
+ranking.round(2)
 
 # %% [markdown]
 # ## Forest plot: distance to the global adapter, per posterior draw
@@ -231,6 +250,7 @@ from IPython.display import HTML, FileLink, display
 report = post.report(
     SETTINGS["report"], baselines={"MAP": map_result},
     max_docs_per_task=k, predictive_samples=SETTINGS["num_samples"],
+    idata=idata,  # the InferenceData made above (same test speeches and draws): not computed again
 )
 display(FileLink(os.path.relpath(report)))  # the HTML file; the Markdown summary is next to it (.md)
 # the report itself, in a frame (its styles stay inside)

@@ -51,6 +51,33 @@ def test_tables_hold_one_column_per_tau_and_match_the_saved_fits(sweep):
     assert (sweep.distances["0"] > 0).all()
 
 
+def test_compare_ranks_the_fits_by_held_out_log_likelihood_as_the_perplexity_table_does(sweep):
+    """az.compare over the MAP fits: elpd = -(total test NLL), so exp(-elpd / tokens) is each
+    fit's overall test perplexity; the best has elpd_diff 0, the weights sum to 1."""
+    from bora_pyro.reports import heldout_log_likelihood
+
+    model = dict(model=tiny_causal_lm(), tokenizer=char_tokenizer(), device="cpu")
+    table = sweep.compare(**model)
+    assert sorted(table.index) == sorted(f"tau={t}" for t in sweep.fitted)
+    tokens = pd.read_csv(sweep.out / "base_test.csv").set_index("task").loc["overall", "n_tokens"]
+    ov = sweep.overall.set_index("tau")
+    for label in sweep.fitted:
+        assert_close(math.exp(-table.loc[f"tau={label}", "elpd_loo"] / tokens), ov.loc[label, "test_perplexity"],
+                     rtol=1e-6, msg=label)
+    assert list(table["elpd_loo"]) == sorted(table["elpd_loo"], reverse=True)
+    assert table["elpd_diff"].iloc[0] == 0 and (table["elpd_diff"].iloc[1:] > 0).all()
+    assert table["weight"].sum() == pytest.approx(1.0, abs=1e-6) and (table["p_loo"] == 0).all()
+    # a subset of the grid, and an extra fit scored on the same documents
+    fit = load_result(sweep.out / "fits" / "10", **model)
+    extra = heldout_log_likelihood(fit, max_docs_per_task=TINY.eval_docs_per_task, seed=TINY.train.seed)
+    two = sweep.compare(taus=[0.0, "inf"], extra={"again tau=10": extra}, **model)
+    assert sorted(two.index) == ["again tau=10", "tau=0", "tau=inf"]
+    with pytest.raises(ValueError, match="does not have"):
+        sweep.compare(taus=["1e+06", 0.0], **model)
+    with pytest.raises(ValueError, match="model object"):
+        sweep.compare(device="cpu")
+
+
 def test_improvement_and_best_follow_the_definitions():
     per_task = pd.DataFrame(
         {"n_train": [30, 10], "base": [50.0, 60.0], "0": [20.0, 40.0], "100": [18.0, 30.0], "inf": [24.0, 32.0]},

@@ -41,7 +41,7 @@ def corpus():
 def _events(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     events.Reload()
     return events
 
@@ -90,7 +90,7 @@ def test_a_fit_writes_tensorboard_events_for_every_step_and_validation(tmp_path,
     for task in TASKS:
         assert_close(events.Scalars(f"val_perplexity_per_task/{task}")[best].value, final[task], rtol=1e-5)
     # settings as text, the per-task table as a file and as Markdown text
-    assert {"settings/text_summary", "validation_per_task.md/text_summary"} <= set(events.Tags()["tensors"])
+    assert {"settings/text_summary", "validation_per_task/text_summary"} <= set(events.Tags()["tensors"])
     saved = pd.read_csv(folder / "validation_per_task.csv")
     assert list(saved["task"]) == [*TASKS, "overall"]
     assert_close(saved["perplexity"].to_numpy(copy=True), table["perplexity"].to_numpy(copy=True), rtol=1e-9)
@@ -184,6 +184,74 @@ def test_the_user_s_tracking_uri_and_experiment_are_used(mlflow_store, tmp_path,
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
     assert run.data.params == {"train.lr": "0.5"}
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+REPORT_FIGURES = ("tau", "shrinkage", "distance", "perplexity", "calibration")
+
+
+def test_the_report_goes_into_the_fit_s_own_runs_as_figures_a_table_and_files(tmp_path, mlflow_store, corpus):
+    """A fit tracked as "tiny" in TensorBoard and MLflow, then result.report(..., run_name="tiny"):
+    TensorBoard gets the figures as images in the same event folder, MLflow the PNGs, the table and
+    the report's files in the same (still finished) run."""
+    pytest.importorskip("tensorboard")
+    from mlflow import MlflowClient
+
+    trackers = ["tensorboard", "mlflow"]
+    result = bora_pyro.fit_map(corpus, model=_base(), tokenizer=char_tokenizer(), report_to=trackers,
+                               report_dir=mlflow_store, run_name="tiny", **QUICK)
+    path = result.report(tmp_path / "out" / "report.html", report_to=trackers, report_dir=mlflow_store,
+                         run_name="tiny")
+    assert path.is_file()
+
+    folders = [p.name for p in (mlflow_store / "tensorboard").iterdir()]
+    assert folders == ["tiny"]  # appended to the fit's run, not a new one
+    events = _events(mlflow_store / "tensorboard" / "tiny")
+    images = set(events.Tags()["images"])
+    assert {f"report/{name}" for name in REPORT_FIGURES} <= images
+    for name in REPORT_FIGURES:
+        (image,) = events.Images(f"report/{name}")
+        assert image.step == 5 and image.width > 100 and image.encoded_image_string[:4] == b"\x89PNG"
+    assert "report/tasks/text_summary" in events.Tags()["tensors"]
+    assert (mlflow_store / "tensorboard" / "tiny" / "report" / "report.html").is_file()
+
+    client = MlflowClient(tracking_uri=(mlflow_store / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("bora_pyro").experiment_id])
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    listed = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {f"report/{name}.png" for name in REPORT_FIGURES} | {
+        "report/tasks.csv", "report/tasks.md", "report/report.html", "report/report.md"} <= listed
+    tasks = pd.read_csv(client.download_artifacts(run.info.run_id, "report/tasks.csv", str(tmp_path / "dl")))
+    assert set(TASKS) <= set(tasks.iloc[:, 0])
+    root = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"validation_per_task.csv", "validation_per_task.md", "history.csv"} <= root
+
+
+def test_an_offline_wandb_run_holds_the_table_the_figures_and_the_files(tmp_path, monkeypatch, corpus):
+    """W&B offline (no account, no network): the fit's per-task table and the report's figures and
+    files land in the offline run's folder (wandb.Table as a table.json, wandb.Image as PNG)."""
+    pytest.importorskip("wandb")
+    import json
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = bora_pyro.fit_map(corpus, model=_base(), tokenizer=char_tokenizer(), report_to="wandb",
+                               report_dir=tmp_path, run_name="tiny", **QUICK)
+    result.report(tmp_path / "report.html", report_to="wandb", report_dir=tmp_path, run_name="tiny")
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # the fit's run, then the report's (an offline run cannot be reopened)
+    fit_files, report_files = sorted((run / "files" for run in runs), key=lambda f: not (f / "history.csv").exists())
+    (table,) = fit_files.glob("media/table/validation_per_task_*.table.json")
+    rows = json.loads(table.read_text())
+    assert rows["columns"][0] == "task" and [r[0] for r in rows["data"]] == [*TASKS, "overall"]
+    assert (fit_files / "validation_per_task.csv").is_file() and (fit_files / "history.csv").is_file()
+    for name in REPORT_FIGURES:
+        (png,) = report_files.glob(f"media/images/report/{name}_*.png")
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    assert (report_files / "report" / "report.html").is_file()
+    assert len(list(report_files.glob("media/table/report/tasks_*.table.json"))) == 1
 
 
 # ----------------------------------------------------------------------------- sweep, settings, CLI

@@ -49,13 +49,16 @@ with ``task`` as a named dimension (task names as coordinates):
         Scored tokens of each evaluated document.
 
 Held-out perplexity per task (`heldout_table`) is computed from ``log_likelihood`` and these
-counts. The documents are held out, so ``az.loo(idata)`` estimates the held-out expected log
-predictive density (its ``p_loo`` measures the spread of the log-likelihood over the draws, not
-overfitting), and ``az.compare({"tau=1e3": idata_a, "tau=1e4": idata_b})`` ranks fits evaluated
-on the same documents. Both need posterior draws: an SVI result with ``predictive_samples >= 2``
-(a few hundred for reliable Pareto-k diagnostics). A MAP result (one point) cannot be ranked by
-``az.loo``; compare MAP fits by their held-out log-likelihood
-``idata.log_likelihood["documents"].sum()`` or fit SVI from them (``fit_svi(..., init=...)``).
+counts. The documents are held out, so their expected log predictive density (elpd) is estimated
+directly, without leave-one-out: `heldout_elpd` (``log mean_s p(doc_n | theta_s)`` per document;
+a MAP fit counts with its plug-in value) returns it as arviz's ``ELPDData``, and `compare_fits`
+ranks fits evaluated on the same documents with ``az.compare``, MAP and SVI alike
+(`bora_pyro.sweep.SweepResult.compare` does it for a sweep's grid of tau). ``az.loo(idata)`` and
+``az.compare`` on the InferenceData themselves also work for SVI results with
+``predictive_samples >= 2``, but PSIS-LOO treats each document as if it had been fitted: it
+re-weights the draws by ``1 / p(doc_n | theta_s)`` and so underestimates the held-out density
+(its ``p_loo`` measures the spread of the log-likelihood over the draws, not overfitting). A MAP
+result (one point) cannot go through ``az.loo``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from ..evaluation import (
     evaluation_split,
     iterate_split,
     per_doc_nll,
+    per_doc_nll_draws,
     perplexity_table,
     predictive_table,
     sum_per_task,
@@ -82,7 +86,10 @@ from ..evaluation import (
 from ..inference.curvature import next_token_targets, squared_gradients
 from .protocol import FitLike
 
-__all__ = ["to_inference_data", "heldout_table", "diagonal_fisher", "shrinkage_factors", "import_arviz"]
+__all__ = [
+    "to_inference_data", "heldout_log_likelihood", "heldout_elpd", "compare_fits", "heldout_table",
+    "diagonal_fisher", "shrinkage_factors", "import_arviz",
+]
 
 #: Name of the observation in the ``log_likelihood`` group (the Pyro plate of the documents).
 OBSERVED = "documents"
@@ -409,22 +416,9 @@ def to_inference_data(
                       if is_svi else "the MAP (one point, not a draw): sd, hdi, ess and r_hat mean nothing"),
         },
     )
-    doc_coords = {
-        "doc": np.arange(len(data)),
-        "doc_task": ("doc", [tasks[d] for d in data.task_ids.tolist()]),
-        "source_row": ("doc", np.asarray(data.source_index, dtype=np.int64)),
-    }
-    log_likelihood = xr.Dataset(
-        {OBSERVED: (cd + ("doc",), torch.stack(log_lik).numpy()[None])},
-        coords={"chain": [0], "draw": np.arange(len(log_lik)), **doc_coords},
-        attrs={
-            "split": split,
-            "max_docs_per_task": -1 if max_docs_per_task is None else int(max_docs_per_task),
-            "seed": int(seed),
-            "draws": draws_note,
-            "units": "nats per document, summed over its scored tokens",
-        },
-    )
+    doc_coords = _doc_coords(data, tasks)
+    log_likelihood = _log_likelihood_dataset(
+        log_lik, data, tasks, split=split, max_docs_per_task=max_docs_per_task, seed=seed, draws_note=draws_note)
     train = result.corpus.split("train")
     constant_data = xr.Dataset(
         {
@@ -460,6 +454,166 @@ def to_inference_data(
     return az.InferenceData(
         posterior=posterior, log_likelihood=log_likelihood, constant_data=constant_data, attrs=attrs
     )
+
+
+def _doc_coords(data, tasks: list[str]) -> dict:
+    """Coordinates along ``doc`` of an evaluated split: number, task and source row."""
+    return {
+        "doc": np.arange(len(data)),
+        "doc_task": ("doc", [tasks[d] for d in data.task_ids.tolist()]),
+        "source_row": ("doc", np.asarray(data.source_index, dtype=np.int64)),
+    }
+
+
+def _log_likelihood_dataset(log_lik: list[torch.Tensor], data, tasks: list[str], *, split: str,
+                            max_docs_per_task: int | None, seed: int, draws_note: str):
+    """The ``log_likelihood`` group: ``documents`` ``(chain=1, draw=S, doc)`` from S ``[N]`` rows."""
+    import xarray as xr
+
+    return xr.Dataset(
+        {OBSERVED: (("chain", "draw", "doc"), torch.stack(log_lik).numpy()[None])},
+        coords={"chain": [0], "draw": np.arange(len(log_lik)), **_doc_coords(data, tasks)},
+        attrs={
+            "split": split,
+            "max_docs_per_task": -1 if max_docs_per_task is None else int(max_docs_per_task),
+            "seed": int(seed),
+            "draws": draws_note,
+            "units": "nats per document, summed over its scored tokens",
+        },
+    )
+
+
+def heldout_log_likelihood(
+    result: FitLike,
+    *,
+    split: str = "test",
+    predictive_samples: int = 8,
+    max_docs_per_task: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+):
+    """Only the ``log_likelihood`` group of `to_inference_data`, without its other costs.
+
+    The same numbers as ``to_inference_data(result, ...).log_likelihood`` for the same
+    arguments (MAP: the MAP as one draw; SVI: posterior draws ``s = 0 .. predictive_samples - 1``
+    with ``result.sample_adapters(1, seed=seed + s)``, or the posterior mean with
+    ``predictive_samples=0``), but no shrinkage (under MAP a Fisher pass over the training
+    documents) and no distances: what `compare_fits` needs, at one pass over the split per draw.
+
+    Returns
+    -------
+    ``arviz.InferenceData`` with the one group ``log_likelihood``.
+    """
+    az = import_arviz()
+    predictive_samples = non_negative_int("predictive_samples", predictive_samples)
+    is_svi = result.task_scales is not None
+    data = evaluation_split(result.corpus, split, max_docs_per_task=max_docs_per_task, seed=seed)
+    options = evaluation_options(result, batch_size)
+    K = predictive_samples if is_svi else 0
+    if K:
+        draws = (result.sample_adapters(1, seed=seed + s)[0] for s in range(K))
+        log_lik = list(-per_doc_nll_draws(result.lm, draws, data, progress=progress, **options))
+        note = f"posterior draws 0..{K - 1} (draw s = result.sample_adapters(1, seed={seed} + s))"
+    else:
+        log_lik = [-per_doc_nll(result.lm, result.task_adapters.detach().cpu().float(), data, **options)[0]]
+        note = "the posterior mean (one point, not a draw)" if is_svi else "the MAP (one point, not a draw)"
+    dataset = _log_likelihood_dataset(log_lik, data, list(result.tasks), split=split,
+                                      max_docs_per_task=max_docs_per_task, seed=seed, draws_note=note)
+    return az.InferenceData(log_likelihood=dataset, attrs={"inference": "svi" if is_svi else "map",
+                                                           "eval_split": split})
+
+
+def heldout_elpd(idata):
+    r"""The held-out expected log predictive density of a fit, as arviz's ``ELPDData``.
+
+    The documents of ``idata.log_likelihood`` were held out of the fit, so their elpd needs no
+    leave-one-out correction: it is estimated directly, document by document, from the
+    log-likelihood draws ``l_ns = log p(doc_n | theta_s)``::
+
+        elpd_n = log (1/S) sum_s exp(l_ns)        (S >= 1 draws; MAP: S = 1, the plug-in value)
+        elpd   = sum_n elpd_n,    se = sqrt(N * Var_n(elpd_n))
+
+    With posterior draws (SVI) this is the Monte-Carlo posterior-predictive density; with one
+    point (a MAP fit, or an SVI posterior mean) the plug-in density at that point. (``az.loo``
+    would instead re-weight the draws by ``1 / p(doc_n | theta_s)`` as if the document had been
+    fitted: a harmonic mean that underestimates the held-out density, and it needs draws.)
+
+    The result has ``az.loo``'s fields (``elpd_loo``, ``se``, ``p_loo``, ``n_samples``,
+    ``n_data_points``, ``warning``, ``loo_i``, ``scale="log"``) so that ``az.compare`` and
+    ``az.plot_compare`` take it; ``p_loo`` is 0 (no correction) and there are no Pareto k.
+
+    Parameters
+    ----------
+    idata
+        An InferenceData with a ``log_likelihood`` group ``documents`` ``(chain, draw, doc)``
+        (`to_inference_data`, `heldout_log_likelihood`).
+    """
+    az = import_arviz()
+    from scipy.special import logsumexp
+
+    if not isinstance(idata, az.InferenceData) or "log_likelihood" not in idata.groups():
+        raise ValueError(
+            "Expected an arviz.InferenceData with a log_likelihood group (bora_pyro.to_inference_data "
+            f"or heldout_log_likelihood), got {type(idata).__name__}."
+        )
+    ll = idata.log_likelihood[OBSERVED].stack(__sample__=("chain", "draw")).transpose("doc", "__sample__")
+    S, N = ll.sizes["__sample__"], ll.sizes["doc"]
+    pointwise = ll.isel(__sample__=0, drop=True).copy(data=logsumexp(ll.values, axis=1) - math.log(S))
+    elpd = float(pointwise.sum())
+    se = float((N * np.var(pointwise.values)) ** 0.5)
+    return az.ELPDData(
+        data=[elpd, se, 0.0, S, N, False, pointwise.rename("loo_i"), "log"],
+        index=["elpd_loo", "se", "p_loo", "n_samples", "n_data_points", "warning", "loo_i", "scale"],
+    )
+
+
+def compare_fits(fits, *, method: str = "stacking") -> pd.DataFrame:
+    """Rank fits by their held-out elpd with ``az.compare`` (`heldout_elpd` of each).
+
+    Parameters
+    ----------
+    fits
+        ``{name: InferenceData}``, each with the held-out log-likelihood of the SAME documents
+        (same split, subset and seed: checked by their task and source row), e.g. from
+        `to_inference_data` or `heldout_log_likelihood`. MAP and SVI fits can be mixed: a MAP
+        fit counts with its plug-in density (see `heldout_elpd`).
+    method
+        How ``az.compare`` weighs the fits: ``"stacking"``, ``"BB-pseudo-BMA"`` or
+        ``"pseudo-BMA"``.
+
+    Returns
+    -------
+    arviz's comparison DataFrame, best fit first: ``rank``, ``elpd_loo`` (here the held-out
+    elpd in nats, higher is better), ``p_loo`` (0), ``elpd_diff`` (to the best), ``weight``,
+    ``se``, ``dse`` (standard error of the difference, from the per-document differences),
+    ``warning``, ``scale``; ``df.attrs["elpd"]`` says what the columns hold.
+    """
+    az = import_arviz()
+    method = choice("method", method, ("stacking", "BB-pseudo-BMA", "pseudo-BMA"))
+    if not isinstance(fits, dict) or len(fits) < 2:
+        raise ValueError(f"fits must be a dict of at least two named InferenceData, got {fits!r:.80}.")
+    reference = None
+    for name, idata in fits.items():
+        elpd = heldout_elpd(idata)  # checks the type
+        coords = idata.log_likelihood[OBSERVED]
+        key = (list(map(str, coords["doc_task"].values)), list(map(int, coords["source_row"].values)))
+        if reference is None:
+            reference = (name, key)
+        elif key != reference[1]:
+            raise ValueError(
+                f"fits {reference[0]!r} and {name!r} hold the log-likelihood of different documents; "
+                "evaluate every fit on the same corpus split with the same max_docs_per_task and seed."
+            )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The default method used to estimate the weights")
+        table = az.compare({str(k): heldout_elpd(v) for k, v in fits.items()}, method=method)
+    table.attrs["elpd"] = (
+        "elpd_loo: held-out expected log predictive density (nats, summed over the evaluated documents; "
+        "posterior-predictive under SVI, plug-in at the MAP), computed directly on held-out documents, "
+        "not by leave-one-out"
+    )
+    return table
 
 
 def heldout_table(idata, *, interval: float = 0.95) -> pd.DataFrame:

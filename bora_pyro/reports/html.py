@@ -154,6 +154,9 @@ def write_report(
     idata: Any = None,
     seed: int = 0,
     progress: bool = False,
+    report_to: Any = None,
+    report_dir: str | os.PathLike = "runs",
+    run_name: str | None = None,
 ) -> Path:
     """Write the uncertainty report of a fitted result: ``path`` (HTML) and ``path.md``.
 
@@ -188,11 +191,20 @@ def write_report(
         computed again (which under SVI costs one pass over the split per posterior draw).
     progress
         Show progress bars.
+    report_to, report_dir, run_name
+        Also log the report to experiment trackers (`bora_pyro.tracking.log_report`): its
+        figures as images, its per-task table and the two files, into the run ``run_name``
+        under ``report_dir`` (pass the fit's ``run_name`` to add them to the fit's own run;
+        default: a new run ``report-<time>``). ``report_to`` takes the names of
+        `TrainConfig.report_to`.
 
     Returns
     -------
     The path of the HTML file.
     """
+    from ..tracking import default_run_name, log_report, require_trackers
+
+    trackers = require_trackers(report_to)  # a missing package fails before any work
     out = _report_path(path)
     az = import_arviz()
     if idata is None:
@@ -305,4 +317,8 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(env.get_template("report.html").render(context), encoding="utf-8")
     out.with_suffix(".md").write_text(env.get_template("report.md").render(context), encoding="utf-8")
+    if trackers:
+        steps = result.history.get("step") or [0]
+        log_report(out, {sid: fig for sid, (fig, _) in figures.items()}, text, report_to=trackers,
+                   report_dir=report_dir, run_name=run_name or default_run_name("report"), step=int(steps[-1]))
     return out

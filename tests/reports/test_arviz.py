@@ -11,7 +11,16 @@ import torch
 import bora_pyro
 from bora_pyro.data import build_corpus
 from bora_pyro.evaluation import per_doc_nll
-from bora_pyro.reports.arviz import diagonal_fisher, heldout_table, import_arviz, shrinkage_factors, to_inference_data
+from bora_pyro.reports.arviz import (
+    compare_fits,
+    diagonal_fisher,
+    heldout_elpd,
+    heldout_log_likelihood,
+    heldout_table,
+    import_arviz,
+    shrinkage_factors,
+    to_inference_data,
+)
 from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, tiny_causal_lm
 from tests.conftest import assert_close
 from tests.tiny_result import tiny_result
@@ -148,6 +157,48 @@ def test_loo_and_compare_rank_fits(svi_result, recwarn):
     assert list(compared.index) == ["svi", "shifted"]
     assert compared.loc["svi", "elpd_diff"] == 0 and compared.loc["shifted", "elpd_diff"] > 0
     assert not [w for w in recwarn.list if "group" in str(w.message).lower()], [str(w.message) for w in recwarn.list]
+
+
+def test_heldout_elpd_is_the_log_mean_predictive_density_per_document():
+    """Two draws, three documents: elpd_n = log((e^l_n1 + e^l_n2) / 2) by hand; se from them."""
+    import xarray as xr
+
+    ll = np.array([[-3.0, -10.0, -1.0], [-5.0, -10.0, -2.0]])  # [draw, doc]
+    data = xr.Dataset({"documents": (("chain", "draw", "doc"), ll[None])},
+                      coords={"chain": [0], "draw": [0, 1], "doc": [0, 1, 2]})
+    elpd = heldout_elpd(az.InferenceData(log_likelihood=data))
+    by_hand = np.log((np.exp(ll[0]) + np.exp(ll[1])) / 2)
+    assert_close(elpd["loo_i"].values, by_hand, rtol=1e-12)
+    assert_close(elpd["elpd_loo"], by_hand.sum(), rtol=1e-12)
+    assert_close(elpd["se"], math.sqrt(3 * by_hand.var()), rtol=1e-12)
+    assert (elpd["n_samples"], elpd["n_data_points"], elpd["p_loo"]) == (2, 3, 0.0)
+    with pytest.raises(ValueError, match="log_likelihood group"):
+        heldout_elpd(az.InferenceData(posterior=data))
+
+
+def test_compare_fits_ranks_map_and_svi_on_the_same_documents(map_result, svi_result):
+    """MAP (plug-in) and SVI (draws) in one az.compare table; elpd equals minus the test NLL
+    of evaluate(); the log-likelihood equals to_inference_data's; other documents are refused."""
+    ll_map = heldout_log_likelihood(map_result)
+    ll_svi = heldout_log_likelihood(svi_result, predictive_samples=4)
+    full = to_inference_data(svi_result, num_samples=4, predictive_samples=4)
+    np.testing.assert_array_equal(ll_svi.log_likelihood["documents"].values, full.log_likelihood["documents"].values)
+    worse = copy.copy(map_result)
+    worse.task_adapters = map_result.task_adapters + 3 * map_result.task_adapters.std()
+    fits = {"map": ll_map, "svi": ll_svi, "shifted": heldout_log_likelihood(worse)}
+    table = compare_fits(fits)
+    assert list(table.index)[-1] == "shifted" and table["weight"].sum() == pytest.approx(1.0, abs=1e-6)
+    for name, result, kw in (("map", map_result, {}), ("svi", svi_result, dict(num_samples=4))):
+        test = result.evaluate("test", seed=0, **kw)
+        assert_close(table.loc[name, "elpd_loo"], -float((test["nll"] * test["n_tokens"]).iloc[:-1].sum()),
+                     rtol=1e-9, msg=name)
+    # dse: the standard error of the per-document differences to the best fit
+    diff = heldout_elpd(fits[table.index[0]])["loo_i"].values - heldout_elpd(fits["shifted"])["loo_i"].values
+    assert_close(table.loc["shifted", "dse"], math.sqrt(len(diff) * diff.var()), rtol=1e-9)
+    with pytest.raises(ValueError, match="different documents"):
+        compare_fits({"map": ll_map, "fewer": heldout_log_likelihood(map_result, max_docs_per_task=2)})
+    with pytest.raises(ValueError, match="at least two"):
+        compare_fits({"map": ll_map})
 
 
 def test_shrinkage_falls_as_training_size_grows(map_result, svi_result):
