@@ -13,6 +13,16 @@ entries within a factor 1.5, and the same for the starting sds (``init``). A sec
 MAP with a learned tau and SVI from it with a learned tau.
 
     PYTHONPATH=. python benchmarks/svi_scales.py            # --seed 1 for another corpus
+
+``--recovery`` measures instead the variational-EM tau on corpora drawn from the model with a
+known tau (`bora_pyro.testing.generated_corpus`, tau 4 and 25, LoRA rank 2 on the output
+layer): MAP with a learned tau (``--map-steps``), SVI from it (``--svi-steps``), the tau of
+the update with ``(D - 1) P`` and with ``D P`` degrees of freedom, the two parts of
+``E_q[S]`` (locations, variances), the REML tau of the true adapters; with ``--exact``, the
+SVI sds against the exact Laplace sds of each task's posterior given Theta (full P x P Hessian
+and GGN at the SVI means by `torch.autograd.functional.hessian`; minutes).
+
+    PYTHONPATH=. python benchmarks/svi_scales.py --recovery --map-steps 1200 --svi-steps 300 --exact
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import torch
 import bora_pyro
 from bora_pyro.data import build_corpus
 from bora_pyro.inference.curvature import hessian_diagonal, lm_logits
-from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, tiny_causal_lm
+from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, task_hessians, tiny_causal_lm
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -40,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--svi-steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-2, help="SVI learning rate of the locations")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recovery", action="store_true", help="known-tau recovery instead (see above)")
+    p.add_argument("--exact", action="store_true", help="with --recovery: exact Laplace sds (slow)")
     return p.parse_args(argv)
 
 
@@ -59,9 +71,67 @@ def ratio_row(name: str, sd: torch.Tensor, exact: torch.Tensor, seconds: float |
             "within 1.5x": within, "seconds": seconds}
 
 
+def true_adapters(true_tau: float, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generating ``theta`` ``[D, P]`` and ``Theta`` ``[P]`` of `generated_corpus` (seed 0,
+    its default tasks), redrawn with the same generator."""
+    g = torch.Generator().manual_seed(0)
+    _, group = layout.group_index("ab")
+    Theta = layout.init_global(generator=g) + (group == 1) * torch.randn(layout.size, generator=g)
+    return Theta + torch.randn(6, layout.size, generator=g) / true_tau**0.5, Theta
+
+
+def recovery(args) -> dict:
+    """Known-tau recovery of the variational-EM tau (see the module docstring)."""
+    from bora_pyro.testing import generated_corpus
+
+    rows, sd_rows = [], []
+    for true_tau in (4.0, 25.0):
+        t = time.perf_counter()
+        corpus, base, tok = generated_corpus(true_tau)
+        kw = dict(model=base, tokenizer=tok, rank=2, alpha=4, target_modules=["lm_head"], precision_groups="shared",
+                  batch_size=16, device="cpu", progress=False, patience=None, seed=args.seed)
+        map_fit = bora_pyro.fit_map(corpus, tau="learn", tau_init=100.0, max_steps=args.map_steps, lr=2e-2, **kw)
+        svi = bora_pyro.fit_svi(None, init=map_fit, max_steps=args.svi_steps, lr=args.lr, **kw)
+        mu, sd, Th = svi.task_adapters.double(), svi.task_scales.double(), svi.global_adapter.double()
+        D, P = mu.shape
+        S_loc, S_var = float((mu - Th).square().sum()), float(sd.square().sum())
+        theta, _ = true_adapters(true_tau, svi.lm.layout)
+        trace = [h[0] for h in svi.history["tau"]]
+        rows.append({"true tau": true_tau, "REML at true adapters":
+                     (D - 1) * P / float((theta - theta.mean(0)).square().sum()),
+                     "MAP": map_fit.tau["all"], "SVI": svi.tau["all"], "SVI at 1/2 run": trace[len(trace) // 2],
+                     "SVI, D P form": D * P / (S_loc + S_var), "S locations": S_loc, "S variances": S_var,
+                     "seconds": time.perf_counter() - t})
+        print(rows[-1], flush=True)
+        if args.exact:
+            tau, train = svi.tau["all"], corpus.split("train")
+            for name, Hd in (("hessian", task_hessians(svi.lm, mu, train, kind="hessian")),
+                             ("ggn", task_hessians(svi.lm, mu, train, kind="ggn"))):
+                precision = Hd + tau * torch.eye(P, dtype=torch.float64)
+                marginal = torch.diagonal(torch.linalg.inv(precision), dim1=-2, dim2=-1)
+                diagonal = torch.diagonal(precision, dim1=-2, dim2=-1).clamp_min(1e-12).reciprocal()
+                for ref, var in (("(diag H + tau)^-1/2 (mean-field optimum)", diagonal),
+                                 ("diag((H + tau)^-1)^1/2 (Laplace marginal)", marginal)):
+                    sd_rows.append({"true tau": true_tau, "curvature": name, "reference": ref,
+                                    "min eig": float(torch.linalg.eigvalsh(precision).min()),
+                                    "sum var ref": float(var.sum()), "sum var SVI": S_var,
+                                    **ratio_row("", sd, var.sqrt())})
+                    print(sd_rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    print(f"\nKnown tau: MAP {args.map_steps} steps, SVI {args.svi_steps} steps from it (lr {args.lr:g})")
+    print(table.to_markdown(index=False, floatfmt=".4g"))
+    if sd_rows:
+        sds = pd.DataFrame(sd_rows).drop(columns=["setting", "seconds"])
+        print("\nSVI sd / exact Laplace sd at the SVI means (task posterior given Theta)")
+        print(sds.to_markdown(index=False, floatfmt=".3g"))
+    return {"recovery": table, "sds": pd.DataFrame(sd_rows)}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    if args.recovery:
+        return recovery(args)
     t0 = time.perf_counter()
     tok, corpus, base = setup(args.seed, args.docs)
     n_train = len(corpus.split("train"))
