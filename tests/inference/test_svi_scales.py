@@ -1,5 +1,7 @@
 """SVI scales that start at the Laplace diagonal and move: checked against the exact Laplace sds
-of a tiny LM, a known tau, and predictive intervals that widen as a task's data shrink."""
+of a tiny LM; the variational-EM update of tau against a brute-force maximisation of the ELBO;
+predictive intervals that widen as a task's data shrink. (Recovery of a known tau:
+tests/inference/test_recovery.py.)"""
 
 import math
 
@@ -73,9 +75,11 @@ def laplace_problem():
 
 
 def test_svi_sds_match_the_exact_laplace_sds_of_a_tiny_lm(laplace_problem):
-    """Started from the MAP, SVI's sds stay within a factor 1.5 of the exact Laplace sds.
+    """Started from the MAP, SVI's sds stay within a factor 1.5 of the exact Laplace sds: those of
+    the diagonal precision ``1 / sqrt(H_ii + tau)`` (the mean-field optimum of a Gaussian) and the
+    marginal sds of the full Laplace covariance ``(H_d + tau I)^-1``.
 
-    Stated tolerances: the median ratio within 1.5x and at least 90% of the entries within 1.5x.
+    Stated tolerances (diagonal): the median ratio within 1.5x and at least 90% of the entries within 1.5x.
     SVI runs on full batches with 4 draws per step, so that what is checked is the method, not
     minibatch noise (measured: median 1.00, 99.9% of entries within 1.5x; the starting
     Fisher-Laplace sds 1.00 and 98%, moved by up to 176% in the fit). The fit must also have moved the scales (it is not checking the start).
@@ -95,16 +99,16 @@ def test_svi_sds_match_the_exact_laplace_sds_of_a_tiny_lm(laplace_problem):
     assert 1 / 1.5 < float(ratio.median()) < 1.5, float(ratio.median())
     assert within >= 0.9, within
     # Against the sds of the full Laplace posterior of each task given Theta (the covariance
-    # (H_d + tau I)^-1 from the exact P x P Hessian; all its eigenvalues are > 0 here), which a
-    # mean-field guide underestimates where entries are correlated (LoRA's A and B are).
-    # Stated summary: median ratio within 1.5x, 90th percentile of |log ratio| below log 3.
+    # (H_d + tau I)^-1 from the exact P x P Hessian), which a mean-field guide underestimates
+    # where entries are correlated (LoRA's A and B are). Stated: median ratio within 1.5x and at
+    # least 85% of the entries within 1.5x (measured: median 0.999, p5 0.65, 94% within 1.5x).
     cov_precision = H_full + TAU * torch.eye(H_full.shape[-1], dtype=H_full.dtype)
-    assert float(torch.linalg.eigvalsh(cov_precision).min()) > 0
+    assert float(torch.linalg.eigvalsh(cov_precision).min()) > 0  # measured 27: a proper Laplace
     marginal = torch.diagonal(torch.linalg.inv(cov_precision), dim1=-2, dim2=-1).sqrt()
     full_ratio = svi.task_scales.double() / marginal
-    spread = float(full_ratio.log().abs().flatten().quantile(0.9).exp())
+    full_within = float(((full_ratio < 1.5) & (full_ratio > 1 / 1.5)).double().mean())
     assert 1 / 1.5 < float(full_ratio.median()) < 1.5, float(full_ratio.median())
-    assert spread < 3.0, spread
+    assert full_within >= 0.85, full_within
 
 
 def test_scales_started_from_a_number_move_to_the_posterior(laplace_problem):
