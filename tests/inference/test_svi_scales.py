@@ -5,7 +5,6 @@ tests/inference/test_recovery.py.)"""
 
 import math
 
-import numpy as np
 import pytest
 import scipy.optimize
 import scipy.stats
