@@ -390,6 +390,7 @@ def run_tests(clock: Clock, mode: str, log: Path, work: Path) -> dict[str, Any]:
 def _step_time_module():
     spec = importlib.util.spec_from_file_location("gpu_check_step_time", STEP_TIME)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
