@@ -18,8 +18,10 @@ prepares the wheels and the model file; `gpu_check.sh` installs and joins them).
 4. **sweep**: ``bora sweep --config paper`` with the precisions in `SWEEP_FIRST` order (0, 1e3,
    1e4, inf, learned, then the rest of the paper grid) in one process, killed at the deadline; the
    sweep checkpoints every fit and keeps finished ones, so the same command with ``--parts sweep``
-   on the still-warm machine (the sweep folder lives under the git-ignored ``runs/``) continues it.
-   When it is stopped, one short call with the finished precisions writes their tables.
+   on the still-warm machine (the sweep folder lives under the git-ignored ``runs/``) continues it
+   (the JSON's ``continue_with``); a fresh machine starts anew, so a later session passes the
+   ``pending`` precisions as ``--taus``. When it is stopped, one short call with the finished
+   precisions writes their tables.
 
 Every part runs under a time limit taken from one budget (``--budget``, default 480 s, counted
 from ``--t0``, the wrapper's start). Everything goes to OUT_DIR, at most `MAX_FILES` files (what
@@ -495,10 +497,12 @@ def _sweep_state(sweep_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def run_sweep_part(clock: Clock, mode: str, device: str, log: Path, sweep_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """`bora sweep --config paper` in `sweep_order` until the deadline, then the tables of what
-    was fitted (see the module docs); with --tiny on a tiny model saved beside ``sweep_dir``."""
-    labels = sweep_order()
+def run_sweep_part(clock: Clock, mode: str, device: str, log: Path, sweep_dir: Path, out_dir: Path,
+                   labels: Sequence[str]) -> dict[str, Any]:
+    """`bora sweep --config paper` over the precisions ``labels``, in that order, until the
+    deadline, then the tables of what was fitted (see the module docs); with --tiny on a tiny
+    model saved beside ``sweep_dir``."""
+    labels = list(labels)
     extra = []
     if mode == "tiny":
         inputs = sweep_dir.parent / f"{sweep_dir.name}-tiny-inputs"
@@ -508,7 +512,9 @@ def run_sweep_part(clock: Clock, mode: str, device: str, log: Path, sweep_dir: P
             "--no-progress", *extra]
     if mode == "tiny":
         base += ["--device", device]
-    continue_with = f"bash benchmarks/gpu_check.sh OUT_DIR --parts sweep (same --sweep-dir: {sweep_dir})"
+    shown = sweep_dir.relative_to(ROOT) if sweep_dir.is_relative_to(ROOT) else sweep_dir
+    continue_with = shlex.join(["bash", "benchmarks/gpu_check.sh", "--parts", "sweep", "--budget", "540",
+                                "--sweep-dir", str(shown), "--taus", *labels, *(["--tiny"] if mode == "tiny" else [])])
     limit = clock.limit(clock.remaining(), keep=FINAL_RESERVE + TABLE_RESERVE[mode])
     if limit < MIN_SWEEP[mode]:
         return {**skipped(f"{clock.remaining():.0f} s left of the budget, under the "
@@ -529,8 +535,9 @@ def run_sweep_part(clock: Clock, mode: str, device: str, log: Path, sweep_dir: P
         "info": state.get("info"), "continue_with": continue_with if pending else None,
     }
     if last.rc != 0:
-        status = "failed" if not calls[0].timed_out or len(calls) > 1 else "partial"
-        return {**result, "status": status, "tail": last.tail()}
+        if calls[0].timed_out and len(calls) == 1:  # stopped before its first fit was done
+            return {**result, "status": "partial"}
+        return {**result, "status": "failed", "tail": last.tail()}
     result["tables"] = copy_tables(sweep_dir, out_dir / "sweep")
     result["overall"] = read_csv(sweep_dir / "overall.csv")
     return {**result, "status": "partial" if pending else "complete"}
@@ -590,6 +597,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-dir", type=Path, default=None,
                    help="the sweep's folder (default: runs/gpu-check/sweep-paper, kept by the warm "
                         "machine between calls; with --tiny a temporary folder)")
+    p.add_argument("--taus", nargs="+", default=None, metavar="TAU",
+                   help="the sweep's precisions, in the order to fit them (default: 0 1000 10000 inf "
+                        "learn, then the rest of the paper grid); a fresh machine starts the sweep "
+                        "anew, so a later session can fit the rest with these")
     p.add_argument("--carry-note", default="", help="what gpu_check.sh installed and joined (shown on line 1)")
     args = p.parse_args(argv)
     if args.budget <= 0:
@@ -631,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     needs = NEEDS_TINY if mode == "tiny" else NEEDS
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
-        sweep_dir = args.sweep_dir or (work / "sweep" if mode == "tiny" else ROOT / "runs" / "gpu-check" / "sweep-paper")
+        sweep_dir = (args.sweep_dir.resolve() if args.sweep_dir else
+                     work / "sweep" if mode == "tiny" else ROOT / "runs" / "gpu-check" / "sweep-paper")
         for part in args.parts:
             lacking = check.lacks(part, needs)
             if lacking:
@@ -641,7 +653,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif part == "step_time":
                 doc["parts"][part] = run_step_times(clock, mode, device, log)
             else:
-                doc["parts"][part] = run_sweep_part(clock, mode, device, log, sweep_dir, out_dir)
+                doc["parts"][part] = run_sweep_part(clock, mode, device, log, sweep_dir, out_dir,
+                                                    args.taus or sweep_order())
             report(part, doc["parts"][part])
             write("running")
     statuses = [p["status"] for p in doc["parts"].values()]

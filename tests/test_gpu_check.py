@@ -106,15 +106,17 @@ def test_a_sweep_stopped_at_the_deadline_writes_the_tables_of_its_finished_fits(
     """The tiny run's sweep folder has every fit; one more tau, and a call killed before it fits."""
     _, doc, _, sweep_dir = tiny_run
     order = doc["parts"]["sweep"]["done"]
-    monkeypatch.setattr(gpu_check, "sweep_order", lambda: [*order, "30"])
     monkeypatch.setitem(gpu_check.TABLE_RESERVE, "tiny", 300.0)
     monkeypatch.setitem(gpu_check.MIN_SWEEP, "tiny", 1.0)
     clock = gpu_check.Clock(time.time(), gpu_check.FINAL_RESERVE + 300.0 + 2.0)  # the sweep call: 2 s
-    result = gpu_check.run_sweep_part(clock, "tiny", "cpu", tmp_path / "log", sweep_dir, tmp_path / "out")
+    result = gpu_check.run_sweep_part(clock, "tiny", "cpu", tmp_path / "log", sweep_dir, tmp_path / "out",
+                                      [*order, "30"])
     assert [c["timed_out"] for c in result["calls"]] == [True, False], result
     assert result["calls"][1]["cmd"].endswith("--taus " + " ".join(order))
     assert result["status"] == "partial" and result["done"] == order and result["pending"] == ["30"]
+    # on the warm machine the same call continues: finished fits are read back, the rest fitted
     assert "--parts sweep" in result["continue_with"]
+    assert result["continue_with"].endswith(" ".join(["--taus", *order, "30", "--tiny"]))
     assert (tmp_path / "out" / "sweep" / "overall.csv").exists()
 
 
