@@ -283,7 +283,7 @@ class Preflight:
             parts.append(f"Python packages {', '.join(other)} (not in the image as expected: download "
                          f"their wheels into .whl as docs/benchmarks.md 'GPU check' says)")
         if "model" in self.missing:
-            parts.append(f"the default model ({self.model['why']}; carry {CARRY_DIR}/*.part-aa and "
+            parts.append(f"the default model ({self.model['why'].rstrip('.')}; carry {CARRY_DIR}/*.part-aa and "
                          f"*.part-ab from scripts/prepare-gpu-carry.sh in two back-to-back calls; "
                          f"gpu_check.sh joins them)")
         return "gpu_check: MISSING: " + "; ".join(parts) + note
@@ -623,6 +623,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if str(ROOT) not in sys.path:  # this checkout's bora_pyro, as in the commands it runs
+        sys.path.insert(0, str(ROOT))
     clock = Clock(args.t0 if args.t0 is not None else time.time(), args.budget)
     mode = "tiny" if args.tiny else "full"
     check = preflight(args.carry_note)
