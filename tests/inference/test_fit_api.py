@@ -66,7 +66,8 @@ def test_flat_keywords_and_config_objects_give_the_same_fit():
     args = flat.fit_args
     assert set(DataConfig.field_names()) <= set(args)
     assert set(TrainConfig.field_names()) - set(args) == {
-        "progress", "checkpoint_dir", "checkpoint_every", "resume", "report_to", "report_dir", "run_name"}
+        "progress", "checkpoint_dir", "checkpoint_every", "resume", "report_to", "report_dir", "run_name",
+        "distributed_timeout"}
     assert (args["method"], args["steps"], args["max_length"], args["lr"], args["batch_size"]) == ("map", 6, 32, 1e-2, 4)
     assert args["best_step"] in (2, 5) and args["stopped_early"] is False
     # A keyword overrides the field of a config object given beside it.
