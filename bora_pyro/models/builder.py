@@ -57,12 +57,13 @@ def build_bora(
     if not isinstance(config, BoraConfig):
         raise ValueError(f"config must be a BoraConfig, got {type(config).__name__}.")
     num_tasks, num_docs = _corpus_size(corpus)
+    docs_per_task = None if isinstance(corpus, tuple) else corpus.split("train").docs_per_task
     torch.manual_seed(seed)
     lm = MultiTaskLM(base_model, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules)
     group_names, group_index = lm.layout.group_index(config.precision_groups)
     bora = BoraModel(
         lm_log_likelihood(lm), num_tasks=num_tasks, num_params=lm.num_params, num_docs=num_docs,
-        config=config, group_index=group_index, group_names=group_names,
+        config=config, group_index=group_index, group_names=group_names, docs_per_task=docs_per_task,
     )
     return lm, bora
 

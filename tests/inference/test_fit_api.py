@@ -181,7 +181,7 @@ def _gaussian_model(problem, tau):
     from bora_pyro.models.bora import BoraModel
 
     return BoraModel(problem.log_likelihood, num_tasks=problem.num_tasks, num_params=problem.y.shape[1],
-                     num_docs=problem.num_docs, config=BoraConfig(tau=tau))
+                     num_docs=problem.num_docs, config=BoraConfig(tau=tau), docs_per_task=problem.docs_per_task)
 
 
 def test_schedule_is_a_lambda_lr_with_the_warm_up_and_decay_and_resumes():

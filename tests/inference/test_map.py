@@ -16,7 +16,7 @@ from tests.gaussian import GaussianProblem
 def _model(problem, tau, **config):
     return BoraModel(
         problem.log_likelihood, num_tasks=problem.num_tasks, num_params=problem.y.shape[1],
-        num_docs=problem.num_docs, config=BoraConfig(tau=tau, **config),
+        num_docs=problem.num_docs, config=BoraConfig(tau=tau, **config), docs_per_task=problem.docs_per_task,
     )
 
 
