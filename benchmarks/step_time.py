@@ -312,7 +312,8 @@ def _bora(args, base, num_tasks, num_docs):
 
     # As fit_map builds it (default precision_groups="ab"), with a fixed tau.
     config = BoraConfig(rank=args.rank, alpha=ALPHA, target_modules=None, tau=args.tau)
-    lm, bora = build_bora(base, (num_tasks, num_docs), config, seed=args.seed)
+    counts = torch.full((num_tasks,), num_docs // num_tasks) + (torch.arange(num_tasks) < num_docs % num_tasks)
+    lm, bora = build_bora(base, (num_tasks, num_docs), config, seed=args.seed, docs_per_task=counts)
     init_global = lm.layout.init_global(generator=torch.Generator().manual_seed(args.seed))
     return lm, bora, init_global
 

@@ -160,10 +160,6 @@ class LazyAdamW(torch.optim.Optimizer):
                                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, wd=wd)
         self._gathered.clear()
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none=set_to_none)
-        self._gathered.clear()
-
     def state_bytes(self) -> dict[str, int]:
         """Bytes of the parameters and their optimiser state, by device type (``"cpu"``,
         ``"cuda"``, ...), gathered rows not included."""

@@ -125,9 +125,9 @@ def test_the_step_time_benchmark_builds_its_models_with_build_bora(monkeypatch, 
     spec.loader.exec_module(step_time)
     calls = []
 
-    def counting(base, corpus, config, *, seed):
+    def counting(base, corpus, config, *, seed, docs_per_task=None):
         calls.append(corpus)
-        return build_bora(base, corpus, config, seed=seed)
+        return build_bora(base, corpus, config, seed=seed, docs_per_task=docs_per_task)
 
     monkeypatch.setattr(bora_pyro.models, "build_bora", counting)
     result = step_time.main(TINY + ["--tasks", "2", "--methods", "floor", "map", "svi", "--schedule", "sequential"])
