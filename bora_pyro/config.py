@@ -39,8 +39,12 @@ PARAMETERIZATIONS = ("offset", "centered")
 #: empirical Fisher of the minibatch gradients.
 TAU_CURVATURES = ("fisher", "empirical")
 #: How a step treats the tasks absent from its minibatch (see docs/many-tasks.md): touch only the
-#: tasks present (each task's prior / KL split over its documents, lazy row-wise AdamW) or all.
-TASK_STEPS = ("sparse", "dense")
+#: tasks present (each task's prior / KL split over its documents, lazy row-wise AdamW) or all;
+#: ``"auto"``: sparse above `SPARSE_TASKS_PER_DOC` tasks per minibatch document.
+TASK_STEPS = ("auto", "sparse", "dense")
+#: ``task_step="auto"`` takes sparse steps when the number of tasks exceeds this many times the
+#: batch size (or with ``adapter_storage="host"``).
+SPARSE_TASKS_PER_DOC = 4
 #: Where the ``[D, P]`` task adapters and their optimiser state live with ``task_step="sparse"``.
 ADAPTER_STORAGES = ("auto", "device", "host")
 #: Learning-rate schedules after the linear warm-up.
@@ -400,11 +404,14 @@ class TrainConfig(_Settings):
         ``"empirical"``: the running empirical Fisher of the minibatch gradients (no extra pass;
         biased, see docs/learned-precision.md).
     task_step, adapter_storage
-        ``task_step="sparse"`` (default): a step costs what the tasks in its minibatch cost, not
-        the number of tasks D: each task's prior (MAP) or KL term (SVI) is split over its
-        training documents (an unbiased estimate; the same optimum) and AdamW updates only the
-        rows of the tasks present (lazy, with per-row moments and step counts); ``"dense"``:
-        every step touches all ``D x P`` entries (docs/many-tasks.md). ``adapter_storage``
+        ``task_step="sparse"``: a step costs what the tasks in its minibatch cost, not the
+        number of tasks D: each task's prior (MAP) or KL term (SVI) is split over its training
+        documents (an unbiased estimate; the same optimum) and AdamW updates only the rows of
+        the tasks present (lazy, with per-row moments and step counts); ``"dense"``: every step
+        touches all ``D x P`` entries; ``"auto"`` (default): sparse when D exceeds 4 x
+        ``batch_size`` (below that the dense step costs little more, and short runs with a
+        learned tau follow other trajectories, see docs/many-tasks.md) or with
+        ``adapter_storage="host"``, and when the model knows each task's document count. ``adapter_storage``
         (sparse steps only): the ``[D, P]`` table and its AdamW state on the compute device
         (``"device"``), in (pinned) host memory with only the batch's rows moved to the device
         (``"host"``), or ``"auto"``: host when they would take more than half of the free
@@ -484,9 +491,9 @@ class TrainConfig(_Settings):
                                      "backward passes) per evidence update (default: 15% of the run's steps "
                                      "spread over the updates, at least 1)"))
     task_step: str = field(
-        default="sparse", metadata=_help("touch only the tasks in each minibatch (prior/KL split over each task's "
-                                         "documents, lazy row-wise AdamW) or all tasks every step",
-                                         choices=TASK_STEPS))
+        default="auto", metadata=_help("touch only the tasks in each minibatch (prior/KL split over each task's "
+                                       "documents, lazy row-wise AdamW) or all tasks every step; auto: sparse "
+                                       "above 4 tasks per minibatch document", choices=TASK_STEPS))
     adapter_storage: str = field(
         default="auto", metadata=_help("sparse steps: keep the [tasks, P] adapter table and its AdamW state on the "
                                        "compute device, in host memory (only the batch's rows on the device), or "

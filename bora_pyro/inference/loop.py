@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..config import TrainConfig
+from ..config import SPARSE_TASKS_PER_DOC, TrainConfig
 from ..data import IGNORE_INDEX
 from ..models.bora import BoraModel, TaskSubsample
 from ..runtime import autocast, autocast_dtype, resolve_device
@@ -156,7 +156,16 @@ class Stepper:
         self.optimizer = None
         self.scheduler = None
         #: Whether steps touch only the batch's tasks (`TaskSubsample`), and where the tables live.
-        self.sparse = train.task_step == "sparse" and model.mode != "pooled"
+        self.sparse = model.mode != "pooled" and not distributed.active() and (train.task_step == "sparse" or (
+            train.task_step == "auto" and model.docs_per_task is not None
+            and (model.num_tasks > SPARSE_TASKS_PER_DOC * train.batch_size or train.adapter_storage == "host")))
+        if distributed.active() and (train.task_step == "sparse" or train.adapter_storage == "host"):
+            raise ValueError(
+                f"task_step={train.task_step!r} / adapter_storage={train.adapter_storage!r}: sparse steps "
+                "are not combined with data parallelism (each rank's batch holds other tasks, whose rows "
+                "would need their own all-reduce); pass task_step='dense' and adapter_storage='device' "
+                "(or 'auto'), or train on one process."
+            )
         self.storage = None
         if self.sparse:
             nbytes = 3 * self.tables_per_task * model.num_tasks * model.num_params * 4  # values + 2 moments

@@ -208,7 +208,8 @@ def test_sparse_step_needs_document_counts():
     model = BoraModel(problem.log_likelihood, num_tasks=problem.num_tasks, num_params=3,
                       num_docs=problem.num_docs, config=BoraConfig(tau=1.0))
     with pytest.raises(ValueError, match=r"needs their counts.*docs_per_task.*task_step='dense'"):
-        optimise_map(model, problem.batches(5), _train(max_steps=2, batch_size=5), init_global=torch.zeros(3))
+        optimise_map(model, problem.batches(5), _train(max_steps=2, batch_size=5, task_step="sparse"),
+                     init_global=torch.zeros(3))
     with pytest.raises(ValueError, match=r"docs_per_task must hold one count per task \(D=4\)"):
         BoraModel(problem.log_likelihood, num_tasks=4, num_params=3, num_docs=problem.num_docs,
                   config=BoraConfig(tau=1.0), docs_per_task=[1, 2, 3])
