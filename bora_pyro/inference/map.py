@@ -73,9 +73,9 @@ class PointGuide(nn.Module):
         #: ``{name: [K, P] leaf}``: the rows of the current step's tasks (set by the stepper).
         self.gathered: dict[str, torch.Tensor] = {}
         self.task_adapters = self.task_offsets = None
-        self._task_name = SITE_OFFSETS if offsets else SITE_TASKS
+        self.task_name = SITE_OFFSETS if offsets else SITE_TASKS
         if has_tasks and storage is not None:
-            self.tables[self._task_name] = host_table(task_init, storage, init.device)
+            self.tables[self.task_name] = host_table(task_init, storage, init.device)
         elif has_tasks:
             setattr(self, "task_offsets" if offsets else "task_adapters", nn.Parameter(task_init.clone()))
         self.offsets = offsets
@@ -84,7 +84,7 @@ class PointGuide(nn.Module):
     def task_parameter(self) -> torch.Tensor | None:
         """The ``[D, P]`` parameter (or table) whose gradient is the gradient in the task adapters."""
         if self.tables:
-            return self.tables[self._task_name]
+            return self.tables[self.task_name]
         return self.task_offsets if self.task_offsets is not None else self.task_adapters
 
     def values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -107,7 +107,7 @@ class PointGuide(nn.Module):
             with pyro.plate("tasks", self.num_tasks, dim=-1):
                 out[SITE_TASKS] = pyro.sample(SITE_TASKS, PointMass(theta))
             return out
-        rows = self.gathered[self._task_name]
+        rows = self.gathered[self.task_name]
         theta = theta_g + rows if self.offsets else rows
         with pyro.plate("tasks", self.num_tasks, subsample=tasks.index, dim=-1), poutine.scale(scale=tasks.scale):
             out[SITE_TASKS] = pyro.sample(SITE_TASKS, PointMass(theta))
@@ -226,7 +226,7 @@ class MAPStepper(Stepper):
         if self.fisher is None or self._task_param is None:
             return
         if self.sparse:  # the gathered rows' gradient, zero for the absent tasks (O(D P))
-            leaf = self.guide.gathered.get(self.guide._task_name)
+            leaf = self.guide.gathered.get(self.guide.task_name)
             if leaf is not None and leaf.grad is not None:
                 grad = torch.zeros(self._task_param.shape, device=self.device)
                 self.fisher.update(grad.index_copy_(0, self.task_subsample(self._batch).index, leaf.grad))
