@@ -35,6 +35,16 @@ lengths of the demo's data capped at ``--seq`` (``--lengths shakespeare``, see
     python benchmarks/step_time.py --tasks 5 25 100 --json      # step time vs number of tasks
     python benchmarks/step_time.py --lengths shakespeare --methods floor map   # padded vs packed
     python benchmarks/step_time.py --batch 64 --seq 256 --tasks 25 --rank 16 --dtype bf16  # GPU
+    python benchmarks/step_time.py --layers 2 --targets q_proj v_proj --tasks 5 100 1000 10000 \
+        --rounds 3 --methods floor map svi --adapter-storage host    # many tasks, tables in host memory
+
+``--targets`` picks the LoRA layers (default all seven projections); ``--task-step`` and
+``--adapter-storage`` set `TrainConfig.task_step` / ``adapter_storage`` of MAP and SVI
+(docs/many-tasks.md). Every trained method reports the bytes of its adapters' parameters,
+gradients and optimiser state on the compute device and in host memory (``device_bytes`` /
+``host_bytes`` per task count in the JSON, the last two columns of the table) and, for MAP and
+SVI, the device bytes at the largest task count over those at the smallest and the host bytes
+per task over one adapter's (``config.adapter_bytes``).
 
 Every (method, task count) has its own copy of the base model (MAP, SVI and the BoRA eval,
 which wrap it the same way, may share one) and is warmed up (``--warmup`` steps) before its
