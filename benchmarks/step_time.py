@@ -35,6 +35,16 @@ lengths of the demo's data capped at ``--seq`` (``--lengths shakespeare``, see
     python benchmarks/step_time.py --tasks 5 25 100 --json      # step time vs number of tasks
     python benchmarks/step_time.py --lengths shakespeare --methods floor map   # padded vs packed
     python benchmarks/step_time.py --batch 64 --seq 256 --tasks 25 --rank 16 --dtype bf16  # GPU
+    python benchmarks/step_time.py --layers 2 --targets q_proj v_proj --tasks 5 100 1000 10000 \
+        --rounds 3 --methods floor map svi --adapter-storage host    # many tasks, tables in host memory
+
+``--targets`` picks the LoRA layers (default all seven projections); ``--task-step`` and
+``--adapter-storage`` set `TrainConfig.task_step` / ``adapter_storage`` of MAP and SVI
+(docs/many-tasks.md). Every trained method reports the bytes of its adapters' parameters,
+gradients and optimiser state on the compute device and in host memory (``device_bytes`` /
+``host_bytes`` per task count in the JSON, the last two columns of the table) and, for MAP and
+SVI, the device bytes at the largest task count over those at the smallest and the host bytes
+per task over one adapter's (``config.adapter_bytes``).
 
 Every (method, task count) has its own copy of the base model (MAP, SVI and the BoRA eval,
 which wrap it the same way, may share one) and is warmed up (``--warmup`` steps) before its
@@ -148,6 +158,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=576, help="hidden size (SmolLM2-135M: 576)")
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--tau", type=float, default=1e3, help="fixed prior precision of map/svi/loop")
+    p.add_argument("--targets", nargs="+", default=TARGETS, metavar="MODULE",
+                   help="LoRA target modules (default: all seven projections)")
+    p.add_argument("--task-step", choices=["auto", "sparse", "dense"], default="auto",
+                   help="MAP/SVI: TrainConfig.task_step (steps touching only the batch's tasks, or all)")
+    p.add_argument("--adapter-storage", choices=["auto", "device", "host"], default="auto",
+                   help="MAP/SVI: TrainConfig.adapter_storage (the [D, P] tables on the device or in host memory)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -234,7 +250,7 @@ def _amp(args, device):
 def _lora_config(args):
     from peft import LoraConfig
 
-    return LoraConfig(r=args.rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+    return LoraConfig(r=args.rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=args.targets,
                       task_type="CAUSAL_LM")
 
 
@@ -311,8 +327,9 @@ def _bora(args, base, num_tasks, num_docs):
     from bora_pyro.models import build_bora
 
     # As fit_map builds it (default precision_groups="ab"), with a fixed tau.
-    config = BoraConfig(rank=args.rank, alpha=ALPHA, target_modules=None, tau=args.tau)
-    lm, bora = build_bora(base, (num_tasks, num_docs), config, seed=args.seed)
+    config = BoraConfig(rank=args.rank, alpha=ALPHA, target_modules=args.targets, tau=args.tau)
+    counts = torch.full((num_tasks,), num_docs // num_tasks) + (torch.arange(num_tasks) < num_docs % num_tasks)
+    lm, bora = build_bora(base, (num_tasks, num_docs), config, seed=args.seed, docs_per_task=counts)
     init_global = lm.layout.init_global(generator=torch.Generator().manual_seed(args.seed))
     return lm, bora, init_global
 
@@ -329,7 +346,7 @@ def _stepper_method(kind):
         lm, bora, init_global = _bora(args, base, num_tasks, num_docs)
         train = TrainConfig(lr=LR, lr_schedule="constant", batch_size=args.batch, device=str(device),
                             autocast="bf16" if args.dtype == "bf16" else None, seed=args.seed,
-                            progress=False)
+                            progress=False, task_step=args.task_step, adapter_storage=args.adapter_storage)
         if kind == "map":
             from bora_pyro.inference.map import MAPStepper
 
@@ -375,7 +392,7 @@ def build_eval_bora(args, device, base, num_tasks, first):
     from bora_pyro.models.lora import MultiTaskLM
 
     amp = _amp(args, device)
-    lm = MultiTaskLM(base, rank=args.rank, alpha=ALPHA)
+    lm = MultiTaskLM(base, rank=args.rank, alpha=ALPHA, target_modules=args.targets)
     g = torch.Generator().manual_seed(args.seed)
     init = lm.layout.init_global(generator=g)
     adapters = (init + 1e-3 * torch.randn(num_tasks, lm.num_params, generator=g)).to(device)
@@ -432,6 +449,28 @@ def _state_bytes(opt) -> int:
                 if torch.is_tensor(v):
                     total += v.numel() * v.element_size()
     return total
+
+
+def _adapter_bytes(unit, host_storage: bool) -> dict[str, int]:
+    """Bytes of the adapters' parameters, their gradients and optimiser state by where they
+    live: ``device`` (the compute device) or ``host`` (host memory: the [D, P] tables of a
+    sparse step with ``--adapter-storage host``, or any tensor on the CPU when the compute
+    device is CUDA). Not counted: the K rows a sparse step gathers onto the device for the
+    step and their gradients (``2 K P`` floats per table, K <= batch size), transient like
+    activations."""
+    out = {"device": 0, "host": 0}
+    opt = unit.opt
+    if opt is None:
+        return out
+    for group in opt.param_groups:
+        for p in group["params"]:
+            tensors = [p] + [v for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
+            if p.grad is not None:
+                tensors.append(p.grad)
+            for t in tensors:
+                host = t.device.type == "cpu" and (unit.device.type != "cpu" or (group.get("rows") and host_storage))
+                out["host" if host else "device"] += t.numel() * t.element_size()
+    return out
 
 
 def _free(device):
@@ -497,11 +536,15 @@ def run_units(args, device, template, plan, batches, out, profiles, *, interleav
     of the base model, warmed up, timed, freed), or all held at once and stepped in turn."""
 
     def record(key):
-        return out.setdefault(key, {"times": [], "tokens": [], "peak": 0, "state": 0})
+        return out.setdefault(key, {"times": [], "tokens": [], "peak": 0, "state": 0, "device_bytes": 0,
+                                    "host_bytes": 0})
 
     def finish(unit):
         rec = record((unit.method, unit.num_tasks))
         rec["state"] = max(rec["state"], _state_bytes(unit.opt))
+        where = _adapter_bytes(unit, args.adapter_storage == "host")
+        rec["device_bytes"] = max(rec["device_bytes"], where["device"])
+        rec["host_bytes"] = max(rec["host_bytes"], where["host"])
         if device.type != "cuda":
             rec["peak"] = rec["state"]
         key = (unit.method, unit.num_tasks)
@@ -595,6 +638,15 @@ def _ratio(a, b) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _one_adapter_bytes(template, args) -> int:
+    """Bytes of one task's fp32 adapter (P entries: ``r (in + out)`` per target layer)."""
+    from bora_pyro.models.lora import find_target_modules
+
+    modules = dict(template.named_modules())
+    names = find_target_modules(template, args.targets)
+    return 4 * sum(args.rank * (modules[n].in_features + modules[n].out_features) for n in names)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     from bora_pyro.models.base import resolve_device
@@ -657,6 +709,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "svi_ratio": _ratio(med["svi"], floor),
             "eval_ratio": _ratio(bora_eval, base_eval),
             "peak_mem_bytes": {m: out[key(m)]["peak"] for m in trained if key(m) in out},
+            "device_bytes": {m: out[key(m)]["device_bytes"] for m in trained if key(m) in out},
+            "host_bytes": {m: out[key(m)]["host_bytes"] for m in trained if key(m) in out},
             "tokens_per_s": {m: _tokens_per_s(out[key(m)]) for m in trained if key(m) in out},
         }
         if floor_packed is not None:
@@ -674,8 +728,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = {
         "config": {k: getattr(args, k) for k in (
             "dtype", "batch", "seq", "lengths", "layouts", "row_tokens", "tasks", "rank", "steps", "warmup",
-            "rounds", "layers", "hidden", "vocab", "tau", "methods", "seed")}
-        | {"alpha": ALPHA, "targets": TARGETS, "schedule": "interleaved" if interleaved else "sequential"},
+            "rounds", "layers", "hidden", "vocab", "tau", "methods", "seed", "targets", "task_step",
+            "adapter_storage")}
+        | {"alpha": ALPHA, "schedule": "interleaved" if interleaved else "sequential",
+           "adapter_bytes": _one_adapter_bytes(template, args)},
         "machine": machine_info(device),
         "memory_kind": memory_kind,
         **{k: first[k] for k in ("median_s", "loop_ratio", "map_ratio", "svi_ratio", "eval_ratio",
@@ -704,7 +760,7 @@ def print_table(args, device, result, out, floor, base_eval, profiles) -> None:
     lengths = "full length" if args.lengths == "full" else "Shakespeare lengths capped at"
     fractions = ", ".join(f"{k} {v:.2f}" for k, v in result["real_fraction"].items())
     print(f"\nLlama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; LoRA r={args.rank} on "
-          f"{len(TARGETS)} projections; batch {args.batch} documents, {lengths} {args.seq}, {args.dtype}; "
+          f"{' '.join(args.targets)}; batch {args.batch} documents, {lengths} {args.seq}, {args.dtype}; "
           f"real / computed tokens: {fractions}; "
           f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s), "
           f"{result['config']['schedule']}; "
@@ -712,8 +768,9 @@ def print_table(args, device, result, out, floor, base_eval, profiles) -> None:
           f"total {result['elapsed_s']:.0f} s")
     mem_unit = "peak alloc MiB" if device.type == "cuda" else "state MiB"
     floors = {"padded": floor, "packed": _median(out.get(("floor" + PACKED, args.tasks[0])))}
-    print(f"\n| method | layout | tasks | median s | real tokens/s | / floor (same layout) | {mem_unit} |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"\n| method | layout | tasks | median s | real tokens/s | / floor (same layout) | {mem_unit} "
+          "| device MiB | host MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for (method, D), rec in out.items():
         med, layout = _median(rec), _layout(method)
         if method.startswith("eval"):
@@ -723,8 +780,19 @@ def print_table(args, device, result, out, floor, base_eval, profiles) -> None:
         ratio = _ratio(med, ref)
         ratio_s = "" if ratio is None else f"{ratio:.2f}{note}"
         shown = "-" if _kind(method) in ("floor", "eval_base") and len(args.tasks) > 1 else D
+        where = "| |" if method.startswith("eval") else \
+            f"| {rec['device_bytes'] / 2**20:.1f} | {rec['host_bytes'] / 2**20:.1f} |"
         print(f"| {LABELS[_kind(method)]} | {layout} | {shown} | {med:.4f} | {_tokens_per_s(rec):,.0f} | "
-              f"{ratio_s} | {mem} |")
+              f"{ratio_s} | {mem} {where}")
+    adapter = result["config"]["adapter_bytes"]
+    lo, hi = str(min(args.tasks)), str(max(args.tasks))
+    for m in ("map", "svi"):
+        low, high = result["by_tasks"][lo]["device_bytes"].get(m), result["by_tasks"][hi]["device_bytes"].get(m)
+        host = result["by_tasks"][hi]["host_bytes"].get(m)
+        if low and high is not None and lo != hi:
+            print(f"\n{LABELS[m]}: device bytes at {hi} tasks / at {lo} tasks = {high / low:.3f}; host bytes per task "
+                  f"at {hi} tasks = {host / int(hi) / adapter:.3f} x one adapter ({adapter:,} bytes)", end="")
+    print()
     if result["packing_speedup"]:
         speedups = ", ".join(f"{LABELS[k]} {v:.2f}x" for k, v in result["packing_speedup"].items())
         print(f"\npacked / padded real tokens per second ({args.tasks[0]} tasks): {speedups}")

@@ -26,7 +26,7 @@ from . import checks
 __all__ = [
     "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "parse_tau", "parse_report_to",
     "PRECISION_GROUPINGS", "PARAMETERIZATIONS", "LR_SCHEDULES", "AUTOCAST_CHOICES", "REPORT_TO_CHOICES",
-    "TAU_CURVATURES",
+    "TAU_CURVATURES", "TASK_STEPS", "ADAPTER_STORAGES",
 ]
 
 #: How parameters may share a precision: one tau for all, one for all A and one for all B, or
@@ -38,6 +38,15 @@ PARAMETERIZATIONS = ("offset", "centered")
 #: `bora_pyro.inference.map.MAPStepper`): the true Fisher at the current adapters, or the running
 #: empirical Fisher of the minibatch gradients.
 TAU_CURVATURES = ("fisher", "empirical")
+#: How a step treats the tasks absent from its minibatch (see docs/many-tasks.md): touch only the
+#: tasks present (each task's prior / KL split over its documents, lazy row-wise AdamW) or all;
+#: ``"auto"``: sparse above `SPARSE_TASKS_PER_DOC` tasks per minibatch document.
+TASK_STEPS = ("auto", "sparse", "dense")
+#: ``task_step="auto"`` takes sparse steps when the number of tasks exceeds this many times the
+#: batch size (or with ``adapter_storage="host"``).
+SPARSE_TASKS_PER_DOC = 4
+#: Where the ``[D, P]`` task adapters and their optimiser state live with ``task_step="sparse"``.
+ADAPTER_STORAGES = ("auto", "device", "host")
 #: Learning-rate schedules after the linear warm-up.
 LR_SCHEDULES = ("cosine", "linear", "constant")
 #: Names accepted by ``autocast=`` (see `bora_pyro.runtime.autocast_dtype`).
@@ -394,6 +403,19 @@ class TrainConfig(_Settings):
         (``None``: as many as add up to 15% of the run's steps, at least 1 per update);
         ``"empirical"``: the running empirical Fisher of the minibatch gradients (no extra pass;
         biased, see docs/learned-precision.md).
+    task_step, adapter_storage
+        ``task_step="sparse"``: a step costs what the tasks in its minibatch cost, not the
+        number of tasks D: each task's prior (MAP) or KL term (SVI) is split over its training
+        documents (an unbiased estimate; the same optimum) and AdamW updates only the rows of
+        the tasks present (lazy, with per-row moments and step counts); ``"dense"``: every step
+        touches all ``D x P`` entries; ``"auto"`` (default): sparse when D exceeds 4 x
+        ``batch_size`` (below that the dense step costs little more, and short runs with a
+        learned tau follow other trajectories, see docs/many-tasks.md) or with
+        ``adapter_storage="host"``, and when the model knows each task's document count. ``adapter_storage``
+        (sparse steps only): the ``[D, P]`` table and its AdamW state on the compute device
+        (``"device"``), in (pinned) host memory with only the batch's rows moved to the device
+        (``"host"``), or ``"auto"``: host when they would take more than half of the free
+        accelerator memory, else the device.
     """
 
     kind: ClassVar[str] = "training setting"
@@ -468,6 +490,14 @@ class TrainConfig(_Settings):
         default=None, metadata=_help("MAP, learned tau, tau_curvature='fisher': minibatches (extra forward and "
                                      "backward passes) per evidence update (default: 15% of the run's steps "
                                      "spread over the updates, at least 1)"))
+    task_step: str = field(
+        default="auto", metadata=_help("touch only the tasks in each minibatch (prior/KL split over each task's "
+                                       "documents, lazy row-wise AdamW) or all tasks every step; auto: sparse "
+                                       "above 4 tasks per minibatch document", choices=TASK_STEPS))
+    adapter_storage: str = field(
+        default="auto", metadata=_help("sparse steps: keep the [tasks, P] adapter table and its AdamW state on the "
+                                       "compute device, in host memory (only the batch's rows on the device), or "
+                                       "auto (host when they would not fit)", choices=ADAPTER_STORAGES))
 
     def __post_init__(self) -> None:
         self.max_steps = checks.optional_positive_int("max_steps", self.max_steps, none_means="use epochs")
@@ -520,6 +550,13 @@ class TrainConfig(_Settings):
         checks.choice("tau_curvature", self.tau_curvature, TAU_CURVATURES)
         self.tau_curvature_batches = checks.optional_positive_int(
             "tau_curvature_batches", self.tau_curvature_batches, none_means="15% of the run's steps")
+        checks.choice("task_step", self.task_step, TASK_STEPS)
+        checks.choice("adapter_storage", self.adapter_storage, ADAPTER_STORAGES)
+        if self.task_step == "dense" and self.adapter_storage == "host":
+            raise ValueError(
+                "adapter_storage='host' needs task_step='sparse' (a dense step updates every task's "
+                "adapter on the compute device); pass task_step='sparse' or adapter_storage='device'."
+            )
 
     def total_steps(self, num_train_docs: int) -> int:
         """Optimiser steps of the run: ``max_steps``, else ``epochs`` (default 3) full passes of

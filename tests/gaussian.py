@@ -43,6 +43,10 @@ class GaussianProblem:
     def num_docs(self):
         return len(self.task_ids)
 
+    @property
+    def docs_per_task(self):
+        return torch.bincount(self.task_ids, minlength=self.num_tasks)
+
     def log_likelihood(self, adapters, batch):
         mean = adapters[batch.task_ids] if adapters.dim() == 2 else adapters
         return Normal(mean, self.sigma).log_prob(batch.y).sum(-1)

@@ -87,3 +87,23 @@ def test_sampled_lengths_follow_the_shakespeare_histogram(step_time):
     assert min(lengths) >= 2 and max(lengths) == 128
     q50, q90 = sorted(lengths)[10_000], sorted(lengths)[18_000]
     assert 18 <= q50 <= 22 and 100 <= q90 <= 116  # the demo's data: median 20, p90 108
+
+
+def test_task_sweep_counts_device_and_host_bytes(step_time, capsys):
+    """--targets, --adapter-storage host: the [D, P] tables (value, two moments, a float32 step
+    count per row) in host memory, only the global adapter (value, gradient, two moments, its
+    step count) on the device, whatever the number of tasks; the floor: PEFT's four LoRA matrices
+    with AdamW's state (a scalar step count each)."""
+    result = step_time.main(TINY + ["--tasks", "3", "50", "--targets", "q_proj", "v_proj",
+                                    "--methods", "floor", "map", "svi", "--adapter-storage", "host"])
+    capsys.readouterr()
+    adapter = result["config"]["adapter_bytes"]
+    assert result["config"]["targets"] == ["q_proj", "v_proj"] and adapter == 4 * 8 * (32 + 32) * 2  # r (in + out), q and v
+    P = adapter // 4
+    for D in (3, 50):
+        entry = result["by_tasks"][str(D)]
+        assert entry["host_bytes"]["map"] == 3 * D * adapter + 4 * D
+        assert entry["host_bytes"]["svi"] == 2 * (3 * D * adapter + 4 * D)
+        assert entry["device_bytes"]["map"] == entry["device_bytes"]["svi"] == 4 * adapter + 4
+        assert entry["device_bytes"]["floor"] == 4 * adapter + 4 * 4 and entry["host_bytes"]["floor"] == 0
+    assert P == 1024

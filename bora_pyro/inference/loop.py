@@ -15,10 +15,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..config import TrainConfig
+from ..config import SPARSE_TASKS_PER_DOC, TrainConfig
 from ..data import IGNORE_INDEX
-from ..models.bora import BoraModel
+from ..models.bora import BoraModel, TaskSubsample
 from ..runtime import autocast, autocast_dtype, resolve_device
+from .rows import LazyAdamW, resolve_storage
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointing
@@ -126,12 +127,19 @@ class Stepper:
         The Pyro ELBO whose ``differentiable_loss`` is minimised.
     train
         ``lr``, ``lr_per_tau``, ``lr_schedule``, ``warmup_steps``, ``weight_decay`` (AdamW),
-        ``device`` and ``autocast`` (the base model's precision) are read here; the subclasses
-        and `run_steps` read the rest.
+        ``device``, ``autocast`` (the base model's precision), ``task_step`` and
+        ``adapter_storage`` are read here; the subclasses and `run_steps` read the rest.
+
+    With ``task_step="sparse"`` (and a model with task adapters) a step touches only the tasks
+    of its minibatch: the guide keeps its ``[D, P]`` tables on `storage` (``guide.tables``),
+    `LazyAdamW` updates the gathered rows, and the model and guide run with the batch's
+    `TaskSubsample` (docs/many-tasks.md).
     """
 
     #: Name shown on the progress bar.
     name = "BoRA"
+    #: ``[D, P]`` tables of the guide (task adapters or offsets; under SVI also the log-scales).
+    tables_per_task = 1
 
     def __init__(self, model: BoraModel, elbo: ELBO, train: TrainConfig):
         if not isinstance(train, TrainConfig):
@@ -147,6 +155,22 @@ class Stepper:
         self.guide = None
         self.optimizer = None
         self.scheduler = None
+        #: Whether steps touch only the batch's tasks (`TaskSubsample`), and where the tables live.
+        self.sparse = model.mode != "pooled" and not distributed.active() and (train.task_step == "sparse" or (
+            train.task_step == "auto" and model.docs_per_task is not None
+            and (model.num_tasks > SPARSE_TASKS_PER_DOC * train.batch_size or train.adapter_storage == "host")))
+        if distributed.active() and (train.task_step == "sparse" or train.adapter_storage == "host"):
+            raise ValueError(
+                f"task_step={train.task_step!r} / adapter_storage={train.adapter_storage!r}: sparse steps "
+                "are not combined with data parallelism (each rank's batch holds other tasks, whose rows "
+                "would need their own all-reduce); pass task_step='dense' and adapter_storage='device' "
+                "(or 'auto'), or train on one process."
+            )
+        self.storage = None
+        if self.sparse:
+            nbytes = 3 * self.tables_per_task * model.num_tasks * model.num_params * 4  # values + 2 moments
+            self.storage = resolve_storage(train.adapter_storage, self.device, nbytes)
+        self._prepared: tuple | None = None
         #: Learning rate and gradient norm of the last step (read with its loss, one sync).
         self.last_lr, self.last_grad_norm = math.nan, math.nan
 
@@ -166,20 +190,44 @@ class Stepper:
         raise NotImplementedError
 
     def param_groups(self) -> list[dict]:
-        """One optimiser group per role (task adapters, global adapter, scales)."""
-        return [{"params": [p], "name": n} for n, p in self.guide.named_parameters()]
+        """One optimiser group per role (task adapters, global adapter, scales); a sparse
+        guide's tables are groups with ``rows=True`` (see `LazyAdamW`)."""
+        groups = [{"params": [p], "name": n} for n, p in self.guide.named_parameters()]
+        return groups + [{"params": [t], "name": n, "rows": True} for n, t in self._tables().items()]
+
+    def _tables(self) -> dict[str, torch.Tensor]:
+        return dict(getattr(self.guide, "tables", {}))
 
     def setup(self, first_batch) -> None:
-        """Warm-up call: builds the guide's parameters, then the optimiser and its schedule."""
+        """Warm-up call: builds the guide's parameters, then the optimiser and its schedule (a
+        sparse guide builds its tables in its constructor: no warm-up call)."""
         with pyro.settings.context(module_local_params=True):
             self.guide = self.build_guide().to(self.device)
-            with torch.no_grad(), self.amp():
-                self.guide(first_batch, **self.model_kwargs())
+            if not self.sparse:
+                with torch.no_grad(), self.amp():
+                    self.guide(first_batch, **self.model_kwargs())
         groups = self.param_groups()
         for g in groups:
             g.setdefault("lr", self.lr)
-        self.optimizer = _adamw(groups, lr=self.lr, weight_decay=self.train.weight_decay)
+        if self.sparse:
+            self.optimizer = LazyAdamW(groups, compute=self.device, lr=self.lr, weight_decay=self.train.weight_decay)
+        else:
+            self.optimizer = _adamw(groups, lr=self.lr, weight_decay=self.train.weight_decay)
         self.scheduler = lr_scheduler(self.optimizer, self.train, self.steps)
+
+    def prepare(self, batch):
+        """``batch`` on the compute device; for sparse steps also its `TaskSubsample`, read
+        from the task ids while they are still on the host (no device sync), kept for `step`."""
+        moved = batch.to(self.device)
+        if self.sparse:
+            self._prepared = (moved, self.model.subsample_tasks(batch.task_ids, self.device))
+        return moved
+
+    def task_subsample(self, batch) -> TaskSubsample:
+        """The `TaskSubsample` of ``batch`` (the one `prepare` computed, else computed now)."""
+        if self._prepared is not None and self._prepared[0] is batch:
+            return self._prepared[1]
+        return self.model.subsample_tasks(batch.task_ids, self.device)
 
     def step(self, batch) -> float:
         """One optimiser step on a minibatch and one step of the schedule.
@@ -191,9 +239,14 @@ class Stepper:
         """
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
+        kwargs = self.model_kwargs()
+        if self.sparse:
+            kwargs["tasks"] = tasks = self.task_subsample(batch)
+            rows = self.optimizer.gather(tasks.host_index)
+            self.guide.gathered = {name: rows[id(t)] for name, t in self._tables().items()}
         try:
             with pyro.settings.context(module_local_params=True), self.amp():
-                loss = self.elbo.differentiable_loss(self.model, self.guide, batch, **self.model_kwargs())
+                loss = self.elbo.differentiable_loss(self.model, self.guide, batch, **kwargs)
         except ValueError as err:
             if not _invalid_values(err):
                 raise
@@ -204,6 +257,8 @@ class Stepper:
         distributed.all_reduce_gradients(params)  # data parallel: the mean over ranks
         self.after_backward()
         grads = [p.grad for p in params if p.grad is not None]
+        if self.sparse:
+            grads += self.optimizer.gathered_grads()
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
         self.optimizer.step()
         self.scheduler.step()
@@ -225,7 +280,8 @@ class Stepper:
     @torch.no_grad()
     def is_finite(self) -> bool:
         """Whether every guide parameter is finite (one host synchronisation)."""
-        flags = [torch.isfinite(p).all() for p in self.guide.parameters()]
+        tensors = list(self.guide.parameters()) + list(self._tables().values())
+        flags = [torch.isfinite(p).all() for p in tensors]
         return bool(torch.stack(flags).all()) if flags else True
 
     def state_dict(self) -> dict:
@@ -240,7 +296,7 @@ class Stepper:
             add their running statistics. The tensors are the live ones, not copies.
         """
         return {
-            "guide": {name: p.detach() for name, p in self.guide.named_parameters()},
+            "guide": {name: p.detach() for name, p in self._named_tensors().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "tau": self.tau,
@@ -248,7 +304,7 @@ class Stepper:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict` (possibly read back from JSON) after `setup`."""
-        params = dict(self.guide.named_parameters())
+        params = self._named_tensors()
         saved = state["guide"]
         shapes = {n: tuple(p.shape) for n, p in params.items()}
         saved_shapes = {n: tuple(t.shape) for n, t in saved.items()}
@@ -272,6 +328,10 @@ class Stepper:
         })
         self.scheduler.load_state_dict(dict(state["scheduler"]))
         self.tau = state["tau"].to(self.device, self.tau.dtype).clone()
+
+    def _named_tensors(self) -> dict[str, torch.Tensor]:
+        """The guide's parameters and tables by name."""
+        return {**dict(self.guide.named_parameters()), **self._tables()}
 
     def snapshot(self) -> dict[str, torch.Tensor | None]:
         theta, theta_g = self.point()
@@ -338,7 +398,7 @@ def run_steps(
     eval_every = train.eval_every if train.eval_every is not None else max(1, steps // 10)
     if checkpointing is not None:
         checkpointing.start(batches)
-    first = next(batches).to(stepper.device)
+    first = stepper.prepare(next(batches))
     stepper.setup(first)
     history: dict[str, list] = {
         "step": [], "loss": [], "train_nll": [], "val_nll": [], "tau": [], "seconds": [],
@@ -356,7 +416,7 @@ def run_steps(
     batch = first
     for step in bar:
         if step > start:
-            batch = next(batches).to(stepper.device)
+            batch = stepper.prepare(next(batches))
         started = time.perf_counter()
         loss = stepper.step(batch)
         if not (math.isfinite(loss) and math.isfinite(stepper.last_grad_norm)):

@@ -6,20 +6,25 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import pyro
+import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
 
 from .. import checks, distributed
 from ..config import PARAMETERIZATIONS, TrainConfig
-from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
+from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel, TaskSubsample
 from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 from .curvature import FisherSampler, MonteCarloFisher
 from .precision import FisherEstimate, evidence_terms, evidence_update
+from .rows import host_table
 
 __all__ = ["MAPStepper", "PointGuide", "optimise_map", "CURVATURE_BUDGET"]
+
+#: Name of the ``[D, P]`` table of task offsets (``parameterization="offset"``).
+SITE_OFFSETS = "task_offsets"
 
 #: Default share of a run's steps spent on the extra passes of ``tau_curvature="fisher"``.
 CURVATURE_BUDGET = 0.15
@@ -46,9 +51,15 @@ class PointGuide(nn.Module):
         57.8 at tau = 1e3 and 1e4 with ``"offset"``. It can converge faster when tau is much
         smaller than the likelihood's curvature (then the direction that moves ``Theta``
         against all offsets is only weakly curved, which slows ``"offset"``).
+
+    Sparse steps (``storage`` given, see docs/many-tasks.md): the ``[D, P]`` task parameter is
+    not an ``nn.Parameter`` but a table in `tables` on the ``storage`` device, optimised by
+    `rows.LazyAdamW`; a step gathers the rows of its K tasks into `gathered` (``[K, P]`` leaves
+    on the compute device) and `forward` with a `TaskSubsample` samples only those tasks.
     """
 
-    def __init__(self, model: BoraModel, init_global: torch.Tensor, parameterization: str = "offset"):
+    def __init__(self, model: BoraModel, init_global: torch.Tensor, parameterization: str = "offset", *,
+                 storage: torch.device | None = None):
         super().__init__()
         checks.choice("parameterization", parameterization, PARAMETERIZATIONS)
         self.num_tasks = model.num_tasks
@@ -56,31 +67,50 @@ class PointGuide(nn.Module):
         has_tasks, has_global = model.mode != "pooled", model.mode != "independent"
         offsets = has_tasks and has_global and parameterization == "offset"
         self.global_adapter = nn.Parameter(init.clone()) if has_global else None
-        self.task_adapters = (
-            nn.Parameter(init.expand(model.num_tasks, -1).clone()) if has_tasks and not offsets else None
-        )
-        self.task_offsets = nn.Parameter(torch.zeros(model.num_tasks, init.shape[-1])) if offsets else None
+        task_init = torch.zeros(model.num_tasks, init.shape[-1]) if offsets else init.expand(model.num_tasks, -1)
+        #: ``{name: [D, P] table}`` of a sparse guide (plain tensors on the storage device).
+        self.tables: dict[str, torch.Tensor] = {}
+        #: ``{name: [K, P] leaf}``: the rows of the current step's tasks (set by the stepper).
+        self.gathered: dict[str, torch.Tensor] = {}
+        self.task_adapters = self.task_offsets = None
+        self.task_name = SITE_OFFSETS if offsets else SITE_TASKS
+        if has_tasks and storage is not None:
+            self.tables[self.task_name] = host_table(task_init, storage, init.device)
+        elif has_tasks:
+            setattr(self, "task_offsets" if offsets else "task_adapters", nn.Parameter(task_init.clone()))
+        self.offsets = offsets
 
     @property
-    def task_parameter(self) -> nn.Parameter | None:
-        """The ``[D, P]`` parameter whose gradient is the gradient in the task adapters."""
+    def task_parameter(self) -> torch.Tensor | None:
+        """The ``[D, P]`` parameter (or table) whose gradient is the gradient in the task adapters."""
+        if self.tables:
+            return self.tables[self.task_name]
         return self.task_offsets if self.task_offsets is not None else self.task_adapters
 
     def values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(task adapters [D, P] or None, global adapter [P] or None)``, differentiable."""
-        theta = self.task_adapters
-        if self.task_offsets is not None:
-            theta = self.global_adapter + self.task_offsets
+        """``(task adapters [D, P] or None, global adapter [P] or None)``, differentiable (for a
+        sparse guide, the table on its storage device, not differentiable)."""
+        theta = self.task_parameter
+        if self.offsets and theta is not None:
+            theta = self.global_adapter.to(theta.device) + theta
         return theta, self.global_adapter
 
-    def forward(self, batch, *, tau=None) -> dict[str, torch.Tensor]:
-        theta, theta_g = self.values()
+    def forward(self, batch, *, tau=None, tasks: TaskSubsample | None = None) -> dict[str, torch.Tensor]:
+        theta_g = self.global_adapter
         out = {}
         if theta_g is not None:
             out[SITE_GLOBAL] = pyro.sample(SITE_GLOBAL, PointMass(theta_g))
-        if theta is not None:
+        if self.task_parameter is None:
+            return out
+        if tasks is None:
+            theta, _ = self.values()
             with pyro.plate("tasks", self.num_tasks, dim=-1):
                 out[SITE_TASKS] = pyro.sample(SITE_TASKS, PointMass(theta))
+            return out
+        rows = self.gathered[self.task_name]
+        theta = theta_g + rows if self.offsets else rows
+        with pyro.plate("tasks", self.num_tasks, subsample=tasks.index, dim=-1), poutine.scale(scale=tasks.scale):
+            out[SITE_TASKS] = pyro.sample(SITE_TASKS, PointMass(theta))
         return out
 
 
@@ -179,7 +209,7 @@ class MAPStepper(Stepper):
         self._batch = None
 
     def build_guide(self):
-        return PointGuide(self.model, self.init_global, self.parameterization)
+        return PointGuide(self.model, self.init_global, self.parameterization, storage=self.storage)
 
     def param_groups(self):
         groups = super().param_groups()
@@ -193,7 +223,14 @@ class MAPStepper(Stepper):
         return super().step(batch)
 
     def after_backward(self) -> None:
-        if self.fisher is not None and self._task_param is not None and self._task_param.grad is not None:
+        if self.fisher is None or self._task_param is None:
+            return
+        if self.sparse:  # the gathered rows' gradient, zero for the absent tasks (O(D P))
+            leaf = self.guide.gathered.get(self.guide.task_name)
+            if leaf is not None and leaf.grad is not None:
+                grad = torch.zeros(self._task_param.shape, device=self.device)
+                self.fisher.update(grad.index_copy_(0, self.task_subsample(self._batch).index, leaf.grad))
+        elif self._task_param.grad is not None:
             self.fisher.update(self._task_param.grad)
 
     def _is_update(self, done: int) -> bool:

@@ -46,15 +46,17 @@ from typing import Callable, Iterator
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
 from ..config import TrainConfig
-from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel
+from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel, TaskSubsample
 from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
+from .rows import host_table
 
 __all__ = ["MeanFieldGuide", "SVIStepper", "laplace_scales", "optimise_svi", "variational_em_tau"]
 
@@ -78,28 +80,40 @@ class MeanFieldGuide(nn.Module):
     init_scale
         Initial posterior standard deviation: one number for every entry, or a tensor of the
         locations' shape (``[D, P]``; ``[P]`` in the pooled limit), e.g. `laplace_scales`.
+    storage
+        Sparse steps (docs/many-tasks.md): ``loc`` and ``log_scale`` are ``[D, P]`` tables on
+        this device (plain tensors in `tables`, optimised by `rows.LazyAdamW`), and `forward`
+        with a `TaskSubsample` draws and scores only the rows in `gathered`. ``None``: they
+        are ``nn.Parameter``.
     """
 
     def __init__(
         self, model: BoraModel, init_tasks: torch.Tensor, init_global: torch.Tensor, *,
-        init_scale: float | torch.Tensor = 1e-3,
+        init_scale: float | torch.Tensor = 1e-3, storage: torch.device | None = None,
     ):
         super().__init__()
         self.mode = model.mode
         self.num_tasks = model.num_tasks
-        if self.mode == "pooled":
-            self.loc = nn.Parameter(init_global.detach().clone().float())
-        else:
-            self.loc = nn.Parameter(init_tasks.detach().clone().float())
-        scale = torch.as_tensor(init_scale, dtype=torch.float32, device=self.loc.device)
-        if scale.dim() and scale.shape != self.loc.shape:
+        loc = (init_global if self.mode == "pooled" else init_tasks).detach().clone().float()
+        scale = torch.as_tensor(init_scale, dtype=torch.float32, device=loc.device)
+        if scale.dim() and scale.shape != loc.shape:
             raise ValueError(
                 f"init_scale has shape {tuple(scale.shape)}; give one number or a tensor of the "
-                f"locations' shape {tuple(self.loc.shape)}."
+                f"locations' shape {tuple(loc.shape)}."
             )
         if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError("init_scale must be finite and > 0 everywhere.")
-        self.log_scale = nn.Parameter(scale.log().expand_as(self.loc).clone())
+        log_scale = scale.log().expand_as(loc)
+        #: ``{name: [D, P] table}`` of a sparse guide; ``{name: [K, P] leaf}`` of the current step.
+        self.tables: dict[str, torch.Tensor] = {}
+        self.gathered: dict[str, torch.Tensor] = {}
+        if storage is not None and self.mode != "pooled":
+            self.tables = {"loc": host_table(loc, storage, loc.device),
+                           "log_scale": host_table(log_scale, storage, loc.device)}
+            self.loc, self.log_scale = self.tables["loc"], self.tables["log_scale"]
+        else:
+            self.loc = nn.Parameter(loc)
+            self.log_scale = nn.Parameter(log_scale.clone())
         self.global_loc = (
             nn.Parameter(init_global.detach().clone().float()) if self.mode in ("fixed", "learn") else None
         )
@@ -113,14 +127,20 @@ class MeanFieldGuide(nn.Module):
         # no argument validation: it would be two more passes over the [D, P] parameters
         return dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
 
-    def forward(self, batch, *, tau=None):
+    def forward(self, batch, *, tau=None, tasks: TaskSubsample | None = None):
         if self.mode == "pooled":
             return {SITE_GLOBAL: pyro.sample(SITE_GLOBAL, self._normal())}
         out = {}
         if self.global_loc is not None:
             out[SITE_GLOBAL] = pyro.sample(SITE_GLOBAL, PointMass(self.global_loc))
-        with pyro.plate("tasks", self.num_tasks, dim=-1):
-            out[SITE_TASKS] = pyro.sample(SITE_TASKS, self._normal())
+        if tasks is None:
+            with pyro.plate("tasks", self.num_tasks, dim=-1):
+                out[SITE_TASKS] = pyro.sample(SITE_TASKS, self._normal())
+            return out
+        loc, log_scale = self.gathered["loc"], self.gathered["log_scale"]
+        rows = dist.Normal(loc, log_scale.exp(), validate_args=False).to_event(1)
+        with pyro.plate("tasks", self.num_tasks, subsample=tasks.index, dim=-1), poutine.scale(scale=tasks.scale):
+            out[SITE_TASKS] = pyro.sample(SITE_TASKS, rows)
         return out
 
 
@@ -153,6 +173,7 @@ class SVIStepper(Stepper):
     """
 
     name = "BoRA SVI"
+    tables_per_task = 2
 
     def __init__(
         self,
@@ -199,7 +220,8 @@ class SVIStepper(Stepper):
         self._avg: list[torch.Tensor] | None = None
 
     def build_guide(self):
-        return MeanFieldGuide(self.model, self.init_tasks, self.init_global, init_scale=self.init_scale)
+        return MeanFieldGuide(self.model, self.init_tasks, self.init_global, init_scale=self.init_scale,
+                              storage=self.storage)
 
     def param_groups(self) -> list[dict]:
         """`Stepper.param_groups`, the log-scales at ``scale_lr``."""

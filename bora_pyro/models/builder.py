@@ -18,7 +18,7 @@ __all__ = ["build_bora"]
 
 
 def build_bora(
-    base_model: Any, corpus: Any, config: BoraConfig, *, seed: int,
+    base_model: Any, corpus: Any, config: BoraConfig, *, seed: int, docs_per_task: Any = None,
 ) -> tuple[MultiTaskLM, BoraModel]:
     """Wrap ``base_model`` with multi-task LoRA layers and build the hierarchical Pyro model.
 
@@ -36,6 +36,9 @@ def build_bora(
     config
         The model settings: ``rank``, ``alpha``, ``target_modules`` (the LoRA layers, adapter
         length P), ``tau``, ``precision_groups`` and ``tau_prior`` (the prior).
+    docs_per_task
+        ``[D]`` training documents of each task, for a ``corpus`` given as a pair (a corpus
+        gives its own); the sparse step needs them (`BoraModel.subsample_tasks`).
     seed
         Seeds torch's global generator before the model is built; Pyro draws from it, so the
         Monte Carlo draws of an SVI fit that follows are reproducible too.
@@ -57,12 +60,14 @@ def build_bora(
     if not isinstance(config, BoraConfig):
         raise ValueError(f"config must be a BoraConfig, got {type(config).__name__}.")
     num_tasks, num_docs = _corpus_size(corpus)
+    if not isinstance(corpus, tuple):
+        docs_per_task = corpus.split("train").docs_per_task
     torch.manual_seed(seed)
     lm = MultiTaskLM(base_model, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules)
     group_names, group_index = lm.layout.group_index(config.precision_groups)
     bora = BoraModel(
         lm_log_likelihood(lm), num_tasks=num_tasks, num_params=lm.num_params, num_docs=num_docs,
-        config=config, group_index=group_index, group_names=group_names,
+        config=config, group_index=group_index, group_names=group_names, docs_per_task=docs_per_task,
     )
     return lm, bora
 

@@ -126,9 +126,9 @@ def test_the_step_time_benchmark_builds_its_models_with_build_bora(monkeypatch, 
     spec.loader.exec_module(step_time)
     calls = []
 
-    def counting(base, corpus, config, *, seed):
+    def counting(base, corpus, config, *, seed, docs_per_task=None):
         calls.append(corpus)
-        return build_bora(base, corpus, config, seed=seed)
+        return build_bora(base, corpus, config, seed=seed, docs_per_task=docs_per_task)
 
     monkeypatch.setattr(bora_pyro.models, "build_bora", counting)
     result = step_time.main(TINY + ["--tasks", "2", "--methods", "floor", "map", "svi", "--schedule", "sequential"])
@@ -182,7 +182,7 @@ def _gaussian_model(problem, tau):
     from bora_pyro.models.bora import BoraModel
 
     return BoraModel(problem.log_likelihood, num_tasks=problem.num_tasks, num_params=problem.y.shape[1],
-                     num_docs=problem.num_docs, config=BoraConfig(tau=tau))
+                     num_docs=problem.num_docs, config=BoraConfig(tau=tau), docs_per_task=problem.docs_per_task)
 
 
 def test_schedule_is_a_lambda_lr_with_the_warm_up_and_decay_and_resumes():
