@@ -9,8 +9,8 @@ length and early stopping, and prints one line per evidence update (the record
 (on the sweep's ``eval_docs_per_task`` documents per task), the learned tau, the step kept and
 the fit's wall time::
 
-    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-init 1e3 --seed 0      # validation (default)
-    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-method evidence --tau-curvature fisher
+    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-init 1e3 --seed 0      # the evidence (default)
+    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-method validation
     PYTHONPATH=. python benchmarks/learned_tau_trace.py --max-steps 400 --patience 3   # to early stopping
 
 ``--tiny`` runs the same on a tiny random LM and a synthetic corpus instead (seconds; for tests).
@@ -60,7 +60,7 @@ def _data_and_settings(args):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tau-init", type=float, default=1e3, help="starting tau of every group")
-    parser.add_argument("--tau-method", default="validation", choices=("validation", "evidence"))
+    parser.add_argument("--tau-method", default="evidence", choices=("validation", "evidence"))
     parser.add_argument("--tau-lr", type=float, default=0.5, help="validation: Adam step of log tau")
     parser.add_argument("--tau-curvature", default="fisher", choices=("fisher", "empirical"))
     parser.add_argument("--tau-curvature-batches", type=int, default=None, help="default: the 15%% budget")

@@ -390,12 +390,13 @@ class TrainConfig(_Settings):
         Needs a base model with SDPA or eager attention (``False`` for others, e.g. flash
         attention). Evaluation pads (it sorts documents by length, so little of it is padding).
     tau_method, tau_lr
-        MAP with ``tau="learn"``: how tau is learned. ``"validation"`` (default): empirical
-        Bayes on the validation likelihood, log tau moved by Adam steps of size about ``tau_lr``
-        down the implicit gradient of the validation NLL (`bora_pyro.inference.hyper`; needs
-        validation documents); ``"evidence"``: the Laplace evidence fixed point
-        (`bora_pyro.inference.precision`), which on Shakespeare picks too little pooling
-        (docs/learned-precision.md). SVI learns tau by variational EM whatever this says.
+        MAP with ``tau="learn"``: how tau is learned. ``"evidence"`` (default): the Laplace
+        evidence fixed point (`bora_pyro.inference.precision`); ``"validation"``: empirical Bayes
+        on the validation likelihood, log tau moved by Adam steps of size about ``tau_lr`` down
+        the implicit gradient of the validation NLL (`bora_pyro.inference.hyper`; needs
+        validation documents). The implicit gradient assumes a converged MAP: on a short
+        Shakespeare run it pulls towards too little pooling and did worse than the evidence
+        (docs/learned-precision.md, section 4). SVI learns tau by variational EM whatever this says.
     tau_curvature, tau_curvature_batches
         MAP with ``tau="learn"`` and ``tau_method="evidence"``: the curvature ``h`` of the evidence update. ``"fisher"``
         (default): the diagonal true Fisher at the current adapters, a Monte-Carlo estimate
@@ -471,7 +472,7 @@ class TrainConfig(_Settings):
     packing: bool = field(
         default=True, metadata=_help("pack each minibatch's documents end to end in rows instead of padding them"))
     tau_method: str = field(
-        default="validation", metadata=_help("MAP, learned tau: the validation likelihood's implicit gradient, "
+        default="evidence", metadata=_help("MAP, learned tau: the validation likelihood's implicit gradient, "
                                              "or the Laplace evidence", choices=TAU_METHODS))
     tau_lr: float = field(
         default=0.5, metadata=_help("MAP, learned tau, tau_method='validation': Adam step size of log tau"))

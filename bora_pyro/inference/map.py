@@ -91,16 +91,18 @@ class PointGuide(nn.Module):
 class MAPStepper(Stepper):
     r"""MAP steps; with a learned tau, updates of tau by ``train.tau_method``.
 
-    ``"validation"`` (default)
+    ``"evidence"`` (default)
+        The Laplace evidence fixed point (`precision.evidence_update`), described below.
+    ``"validation"``
         Every ``tau_update_every`` steps after ``tau_warmup`` (default: `VALIDATION_UPDATES` =
         15 per run after a tenth of it), one forward and backward pass on a validation
         minibatch gives each present task's validation gradient and curvature
         (`hyper.ValidationProbe`), and log tau takes one Adam step (``train.tau_lr``) down the
         implicit gradient of the validation NLL (`hyper.implicit_tau_gradient`). Each update
         appends ``{"step", "tau", "grad"}`` (``grad = dV / d log tau`` per group) to
-        `tau_updates`. Cost: 15 passes without optimiser step per run.
-    ``"evidence"``
-        The Laplace evidence fixed point (`precision.evidence_update`), described below.
+        `tau_updates`. Cost: 15 passes without optimiser step per run. The implicit gradient
+        assumes a converged MAP; far from one (a short run) it favours too little pooling
+        (docs/learned-precision.md, section 4).
 
     The curvature ``h`` of each evidence update (``train.tau_curvature``):
 
@@ -176,7 +178,7 @@ class MAPStepper(Stepper):
         if self.learn and by_validation:
             if validation is None:
                 raise ValueError(
-                    "tau_method='validation' (the default with tau='learn') needs validation "
+                    "tau_method='validation' needs validation "
                     "documents; keep a validation split (validation_size > 0, the default 0.1), "
                     "or pass tau_method='evidence' (the Laplace evidence, no "
                     "validation data)."

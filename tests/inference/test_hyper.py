@@ -131,7 +131,8 @@ def test_map_with_validation_tau_lands_at_the_brute_force_validation_optimum():
                       num_docs=train.num_docs, config=BoraConfig(tau="learn", tau_init=100 * tau_best))
     state = optimise_map(
         model, train.batches(12), TrainConfig(device="cpu", progress=False, max_steps=3000, lr=0.05,
-                                             batch_size=12, tau_update_every=50, tau_lr=0.3),
+                                             batch_size=12, tau_update_every=50, tau_lr=0.3,
+                                             tau_method="validation"),
         init_global=torch.zeros(train.y.shape[1]), validation=data,
     )
     learned = state.tau.item()
@@ -151,7 +152,7 @@ def test_fit_map_learns_tau_by_validation_on_a_tiny_lm():
 
     corpus, base, tok = generated_corpus(4.0, validation_size=0.2)
     result = bora_pyro.fit_map(
-        corpus, model=base, tokenizer=tok, tau="learn", tau_init=1e3, max_steps=300, lr=2e-2,
+        corpus, model=base, tokenizer=tok, tau="learn", tau_method="validation", tau_init=1e3, max_steps=300, lr=2e-2,
         batch_size=16, rank=2, alpha=4, target_modules=["lm_head"], precision_groups="shared",
         device="cpu", progress=False, patience=None,
     )
@@ -161,5 +162,6 @@ def test_fit_map_learns_tau_by_validation_on_a_tiny_lm():
     assert result.tau["all"] < 50, [u["tau"] for u in updates]
     with pytest.raises(ValueError, match=r"tau_method='validation'.*needs validation documents.*'evidence'"):
         no_validation, base, tok = generated_corpus(4.0, docs_per_task=(10, 20), validation_size=0.0)
-        bora_pyro.fit_map(no_validation, model=base, tokenizer=tok, tau="learn", max_steps=2, batch_size=4,
+        bora_pyro.fit_map(no_validation, model=base, tokenizer=tok, tau="learn", tau_method="validation",
+                          max_steps=2, batch_size=4,
                           rank=2, alpha=4, target_modules=["lm_head"], device="cpu", progress=False)
