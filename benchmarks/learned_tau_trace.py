@@ -1,4 +1,5 @@
-r"""Trace of MAP's learned tau: tau, gamma and S per precision group at every evidence update.
+r"""Trace of MAP's learned tau: tau per precision group at every update, with gamma and S (the
+evidence) or the implicit validation gradient ``dV / d log tau`` (``--tau-method validation``).
 
 Runs `bora_pyro.fit_map` with ``tau="learn"`` on the data and settings of the ``cpu`` sweep
 configuration (`bora_pyro.sweep.SWEEP_CONFIGS["cpu"]`: 12 Shakespeare characters, the default
@@ -8,7 +9,8 @@ length and early stopping, and prints one line per evidence update (the record
 (on the sweep's ``eval_docs_per_task`` documents per task), the learned tau, the step kept and
 the fit's wall time::
 
-    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-init 1e3 --tau-curvature fisher --seed 0
+    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-init 1e3 --seed 0      # the evidence (default)
+    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-method validation
     PYTHONPATH=. python benchmarks/learned_tau_trace.py --max-steps 400 --patience 3   # to early stopping
 
 ``--tiny`` runs the same on a tiny random LM and a synthetic corpus instead (seconds; for tests).
@@ -32,7 +34,8 @@ def _data_and_settings(args):
     kwargs = {**config.data.to_dict(), **config.model.to_dict(), **config.train.to_dict()}
     for name in ("version", "tau", "checkpoint_dir", "checkpoint_every", "resume"):
         kwargs.pop(name, None)
-    kwargs.update(tau="learn", tau_init=args.tau_init, tau_curvature=args.tau_curvature,
+    kwargs.update(tau="learn", tau_init=args.tau_init, tau_method=args.tau_method, tau_lr=args.tau_lr,
+                  tau_curvature=args.tau_curvature,
                   tau_curvature_batches=args.tau_curvature_batches, seed=args.seed,
                   progress=not args.json, device=args.device)
     if args.max_steps is not None:
@@ -57,6 +60,8 @@ def _data_and_settings(args):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tau-init", type=float, default=1e3, help="starting tau of every group")
+    parser.add_argument("--tau-method", default="evidence", choices=("validation", "evidence"))
+    parser.add_argument("--tau-lr", type=float, default=0.5, help="validation: Adam step of log tau")
     parser.add_argument("--tau-curvature", default="fisher", choices=("fisher", "empirical"))
     parser.add_argument("--tau-curvature-batches", type=int, default=None, help="default: the 15%% budget")
     parser.add_argument("--seed", type=int, default=0)
@@ -74,9 +79,10 @@ def main(argv=None) -> dict:
     groups = list(result.tau)
     updates = result.history["tau_update"]
     if not args.json:
-        print(f"{'step':>5}  " + "  ".join(f"{'tau_' + g:>10} {'gamma_' + g:>10} {'S_' + g:>10}" for g in groups))
+        terms = ("grad",) if args.tau_method == "validation" else ("gamma", "S")
+        print(f"{'step':>5}  " + "  ".join(" ".join(f"{n + '_' + g:>10}" for n in ("tau", *terms)) for g in groups))
         for u in updates:
-            cells = [f"{t:10.4g} {gm:10.4g} {s:10.4g}" for t, gm, s in zip(u["tau"], u["gamma"], u["S"])]
+            cells = [" ".join(f"{u[n][i]:10.4g}" for n in ("tau", *terms)) for i in range(len(groups))]
             print(f"{u['step']:5d}  " + "  ".join(cells))
     test = result.evaluate("test", max_docs_per_task=eval_docs, seed=args.seed)
     out = {

@@ -26,7 +26,7 @@ from . import checks
 __all__ = [
     "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "parse_tau", "parse_report_to",
     "PRECISION_GROUPINGS", "PARAMETERIZATIONS", "LR_SCHEDULES", "AUTOCAST_CHOICES", "REPORT_TO_CHOICES",
-    "TAU_CURVATURES", "TASK_STEPS", "ADAPTER_STORAGES",
+    "TAU_CURVATURES", "TAU_METHODS", "TASK_STEPS", "ADAPTER_STORAGES",
 ]
 
 #: How parameters may share a precision: one tau for all, one for all A and one for all B, or
@@ -47,6 +47,8 @@ TASK_STEPS = ("auto", "sparse", "dense")
 SPARSE_TASKS_PER_DOC = 4
 #: Where the ``[D, P]`` task adapters and their optimiser state live with ``task_step="sparse"``.
 ADAPTER_STORAGES = ("auto", "device", "host")
+#: How MAP learns tau (see `bora_pyro.inference.map.MAPStepper`).
+TAU_METHODS = ("evidence", "validation")
 #: Learning-rate schedules after the linear warm-up.
 LR_SCHEDULES = ("cosine", "linear", "constant")
 #: Names accepted by ``autocast=`` (see `bora_pyro.runtime.autocast_dtype`).
@@ -395,8 +397,16 @@ class TrainConfig(_Settings):
         Shakespeare's speeches, 3x the real tokens per second of a padded step on the CPU).
         Needs a base model with SDPA or eager attention (``False`` for others, e.g. flash
         attention). Evaluation pads (it sorts documents by length, so little of it is padding).
+    tau_method, tau_lr
+        MAP with ``tau="learn"``: how tau is learned. ``"evidence"`` (default): the Laplace
+        evidence fixed point (`bora_pyro.inference.precision`); ``"validation"``: empirical Bayes
+        on the validation likelihood, log tau moved by Adam steps of size about ``tau_lr`` down
+        the implicit gradient of the validation NLL (`bora_pyro.inference.hyper`; needs
+        validation documents). The implicit gradient assumes a converged MAP: on a short
+        Shakespeare run it pulls towards too little pooling and did worse than the evidence
+        (docs/learned-precision.md, section 4). SVI learns tau by variational EM whatever this says.
     tau_curvature, tau_curvature_batches
-        MAP with ``tau="learn"``: the curvature ``h`` of the evidence update. ``"fisher"``
+        MAP with ``tau="learn"`` and ``tau_method="evidence"``: the curvature ``h`` of the evidence update. ``"fisher"``
         (default): the diagonal true Fisher at the current adapters, a Monte-Carlo estimate
         (labels sampled from the model) from one extra forward and backward pass on the
         minibatch of each of the last ``tau_curvature_batches`` steps before every update
@@ -482,6 +492,11 @@ class TrainConfig(_Settings):
         default=2, metadata=_help("SVI, init_scale 'laplace': passes over the training documents for the Fisher"))
     packing: bool = field(
         default=True, metadata=_help("pack each minibatch's documents end to end in rows instead of padding them"))
+    tau_method: str = field(
+        default="evidence", metadata=_help("MAP, learned tau: the validation likelihood's implicit gradient, "
+                                             "or the Laplace evidence", choices=TAU_METHODS))
+    tau_lr: float = field(
+        default=0.5, metadata=_help("MAP, learned tau, tau_method='validation': Adam step size of log tau"))
     tau_curvature: str = field(
         default="fisher", metadata=_help("MAP, learned tau: curvature of the evidence update (true Fisher at the "
                                          "current adapters, or the running empirical Fisher)",
@@ -519,6 +534,8 @@ class TrainConfig(_Settings):
         if self.tau_warmup is not None:
             self.tau_warmup = checks.non_negative_int("tau_warmup", self.tau_warmup)
         checks.choice("parameterization", self.parameterization, PARAMETERIZATIONS)
+        checks.choice("tau_method", self.tau_method, TAU_METHODS)
+        self.tau_lr = checks.positive_number("tau_lr", self.tau_lr)
         self.num_particles = checks.positive_int("num_particles", self.num_particles)
         self.init_scale = _parse_init_scale(self.init_scale)
         if not isinstance(self.device, str):

@@ -154,6 +154,7 @@ def generated_corpus(
     alpha: float = 4.0,
     target_modules: tuple[str, ...] = ("lm_head",),
     doc_length: int = 40,
+    validation_size: float = 0.0,
     seed: int = 0,
 ):
     r"""A corpus drawn from BoRA's own model with a known precision: for tests of tau recovery.
@@ -171,7 +172,7 @@ def generated_corpus(
     Returns
     -------
     ``(corpus, base, tokenizer)``: a `TaskCorpus` (20% of each task's documents held out as
-    test, no validation split), the fresh base model to fit, and the tokenizer.
+    test, ``validation_size`` for validation), the fresh base model to fit, and the tokenizer.
     """
     import pandas as pd
 
@@ -196,7 +197,7 @@ def generated_corpus(
     lm.unwrap()
     frame = pd.DataFrame({"task": [f"t{d}" for d in task_ids.tolist()],
                           "text": [tok.decode(row[1:]) for row in ids]})
-    corpus = build_corpus(frame, tok, max_length=64, test_size=0.2, validation_size=0.0, seed=0)
+    corpus = build_corpus(frame, tok, max_length=64, test_size=0.2, validation_size=validation_size, seed=0)
     return corpus, base, tok
 
 

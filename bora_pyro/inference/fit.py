@@ -25,6 +25,7 @@ from ..runtime import autocast, autocast_dtype, resolve_device
 from ..tracking import Trackers, default_run_name, log_fit_end, make_trackers, require_trackers
 from .checkpoint import Checkpointing, make_checkpointing
 from .curvature import FisherSampler
+from .hyper import ValidationData
 from .loop import FitState
 from .map import optimise_map
 from .svi import optimise_svi
@@ -117,6 +118,7 @@ def fit_map(
             run.bora, run.batches(), settings.train, init_global=run.init_global, validate=run.validate,
             checkpointing=_checkpointing(run, fit_args), on_step=trackers.log_metrics if trackers else None,
             fisher_sampler=FisherSampler.for_lm(run.lm, run.train.docs_per_task),
+            validation=run.validation_data(),
         )
         return run.finish(state, fit_args, trackers)
 
@@ -333,11 +335,23 @@ class _Run:
     init_global: torch.Tensor
     steps: int
     validate: Callable[[torch.Tensor], tuple[float, dict[str, float]]] | None
+    validation: Any
 
     def batches(self) -> _EndlessBatches:
         train = self.settings.train
         return _endless_batches(self.train, train.batch_size, train.seed, pack=train.packing,
                                 part=distributed.local_slice(train.batch_size))
+
+    def validation_data(self) -> ValidationData | None:
+        """The validation minibatches and logits function of ``tau_method="validation"`` (all
+        validation documents, in shuffled epochs of their own seed); ``None`` without any."""
+        train = self.settings.train
+        if not len(self.validation):
+            return None
+        batches = _endless_batches(
+            self.validation, min(train.batch_size, len(self.validation)), train.seed + 1, pack=train.packing
+        )
+        return ValidationData.for_lm(self.lm, batches, self.train.docs_per_task)
 
     def record(self, method: str, **extra: Any) -> dict:
         """The fit's ``fit_args``: the data and training settings (the model's are the result's
@@ -433,7 +447,7 @@ def _prepare(
     lm, bora = build_bora(base, corpus, settings.model, seed=train.seed)
     init_global = initial_adapter(init_adapter, lm.layout, seed=train.seed)
 
-    validation = corpus.split("validation")
+    all_validation = validation = corpus.split("validation")
     if train.max_eval_docs_per_task is not None and len(validation):
         validation = validation.subset(train.max_eval_docs_per_task, seed=train.seed)
     validate = None
@@ -447,7 +461,7 @@ def _prepare(
             return float(nll.sum() / max(1, tokens.sum())), per_task
 
     return _Run(settings, corpus, data_record, split, lm, bora, tokenizer, spec, init_global,
-                train.total_steps(N), validate)
+                train.total_steps(N), validate, all_validation)
 
 
 def _endless_batches(split, batch_size: int, seed: int, *, pack: bool = False,

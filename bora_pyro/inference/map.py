@@ -18,6 +18,7 @@ from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .loop import FitState, Stepper, run_steps
 from .curvature import FisherSampler, MonteCarloFisher
+from .hyper import LogTauAdam, ValidationData, ValidationProbe, implicit_tau_gradient
 from .precision import FisherEstimate, evidence_terms, evidence_update
 from .rows import host_table
 
@@ -28,6 +29,9 @@ SITE_OFFSETS = "task_offsets"
 
 #: Default share of a run's steps spent on the extra passes of ``tau_curvature="fisher"``.
 CURVATURE_BUDGET = 0.15
+#: Default number of updates per run of ``tau_method="validation"`` (each costs one forward and
+#: backward pass on a validation minibatch; they start after a tenth of the run).
+VALIDATION_UPDATES = 15
 
 
 class PointGuide(nn.Module):
@@ -115,9 +119,22 @@ class PointGuide(nn.Module):
 
 
 class MAPStepper(Stepper):
-    r"""MAP steps; with a learned tau, evidence updates (`precision.evidence_update`).
+    r"""MAP steps; with a learned tau, updates of tau by ``train.tau_method``.
 
-    The curvature ``h`` of each update (``train.tau_curvature``):
+    ``"evidence"`` (default)
+        The Laplace evidence fixed point (`precision.evidence_update`), described below.
+    ``"validation"``
+        Every ``tau_update_every`` steps after ``tau_warmup`` (default: `VALIDATION_UPDATES` =
+        15 per run after a tenth of it), one forward and backward pass on a validation
+        minibatch gives each present task's validation gradient and curvature
+        (`hyper.ValidationProbe`), and log tau takes one Adam step (``train.tau_lr``) down the
+        implicit gradient of the validation NLL (`hyper.implicit_tau_gradient`). Each update
+        appends ``{"step", "tau", "grad"}`` (``grad = dV / d log tau`` per group) to
+        `tau_updates`. Cost: 15 passes without optimiser step per run. The implicit gradient
+        assumes a converged MAP; far from one (a short run) it favours too little pooling
+        (docs/learned-precision.md, section 4).
+
+    The curvature ``h`` of each evidence update (``train.tau_curvature``):
 
     ``"fisher"`` (default)
         The diagonal true Fisher at the current adapters, estimated afresh for each update by
@@ -136,7 +153,7 @@ class MAPStepper(Stepper):
         averages remember the larger gradients of earlier steps, and the empirical Fisher is
         biased away from the optimum (docs/learned-precision.md).
 
-    Each update appends ``{"step", "tau", "gamma", "S"}`` (the step after which it ran, the new
+    Each evidence update appends ``{"step", "tau", "gamma", "S"}`` (the step after which it ran, the new
     ``[G]`` precisions, and ``gamma`` and ``S`` per group at the previous ones, see
     `precision.evidence_terms`) to `tau_updates`, which `optimise_map` returns as
     ``history["tau_update"]``.
@@ -171,28 +188,49 @@ class MAPStepper(Stepper):
     def __init__(
         self, model: BoraModel, train: TrainConfig, *, init_global: torch.Tensor,
         fisher_sampler: FisherSampler | None = None,
+        validation: ValidationData | None = None,
     ):
         super().__init__(model, Trace_ELBO(), train)
         self.parameterization = train.parameterization
         self.init_global = init_global.to(self.device)
-        self.tau_update_every = (
-            train.tau_update_every if train.tau_update_every is not None else max(1, self.steps // 20)
+        self.tau_method = train.tau_method
+        by_validation = self.tau_method == "validation"
+        self.tau_update_every = train.tau_update_every if train.tau_update_every is not None else max(
+            1, self.steps // (VALIDATION_UPDATES if by_validation else 20)
         )
-        self.tau_warmup = train.tau_warmup if train.tau_warmup is not None else self.steps // 5
+        self.tau_warmup = train.tau_warmup if train.tau_warmup is not None else self.steps // (
+            10 if by_validation else 5
+        )
         self.curvature_kind = train.tau_curvature
         self.fisher, self.mc_fisher, self.generator = None, None, None
         self.fisher_sampler = fisher_sampler
+        self.probe, self.validation_batches, self.log_tau = None, None, None
+        if self.learn and by_validation:
+            if validation is None:
+                raise ValueError(
+                    "tau_method='validation' needs validation "
+                    "documents; keep a validation split (validation_size > 0, the default 0.1), "
+                    "or pass tau_method='evidence' (the Laplace evidence, no "
+                    "validation data)."
+                )
+            self.probe = ValidationProbe(
+                validation.gradients, validation.docs_per_task, model.num_params, device=self.device
+            )
+            self.validation_batches = validation.batches
+            self.log_tau = LogTauAdam(self.tau, lr=train.tau_lr)
         updates = max(0, self.steps - self.tau_warmup) // self.tau_update_every
         batches = train.tau_curvature_batches
         if batches is None:
             batches = max(1, int(CURVATURE_BUDGET * self.steps / max(1, updates)))
         self.curvature_batches = min(batches, self.tau_update_every)
-        if self.learn and self.curvature_kind == "empirical":
+        if not self.learn or by_validation:
+            pass
+        elif self.curvature_kind == "empirical":
             self.fisher = FisherEstimate(
                 (model.num_tasks, model.num_params), batch_fraction=train.batch_size / model.num_docs,
                 device=self.device,
             )
-        elif self.learn:
+        else:
             if fisher_sampler is None:
                 raise ValueError(
                     "tau_curvature='fisher' (the default with tau='learn') needs a fisher_sampler "
@@ -241,6 +279,10 @@ class MAPStepper(Stepper):
         if not self.learn:
             return
         done = step + 1
+        if self.probe is not None:
+            if self._is_update(done):
+                self._validation_update(step)
+            return
         if self.mc_fisher is not None and any(
             self._is_update(done + k) for k in range(self.curvature_batches)
         ):
@@ -265,11 +307,28 @@ class MAPStepper(Stepper):
                 "step": step, "tau": self.tau.tolist(), "gamma": gamma.tolist(), "S": S.tolist(),
             })
 
+    def _validation_update(self, step: int) -> None:
+        """One Adam step of log tau down the implicit validation gradient (`hyper`)."""
+        theta, theta_g = self.point()
+        batch = next(self.validation_batches).to(self.device)
+        with self.amp():
+            val_grad, h = self.probe(theta, batch)
+        grad = implicit_tau_gradient(theta, theta_g, h, self.tau, self.model.group_index, val_grad)
+        self.tau = self.log_tau.step(grad).to(self.device, self.tau.dtype)
+        self.tau_updates.append({"step": step, "tau": self.tau.tolist(), "grad": grad.tolist()})
+
     def state_dict(self) -> dict:
-        """`Stepper.state_dict` plus, with a learned tau, ``tau_updates`` and the curvature's
-        state: ``fisher`` (``mean``, ``sq``, ``count``) or ``mc_fisher`` (``sq``, ``seen``,
-        ``count``) and ``generator`` (the label draws' generator state)."""
+        """`Stepper.state_dict` plus, with a learned tau, ``tau_updates`` and the method's
+        state: for ``tau_method="validation"`` ``probe`` (the running curvature), ``log_tau``
+        (Adam's state) and ``validation_batches`` (where the validation minibatches are); for
+        the evidence, the curvature's state: ``fisher`` (``mean``, ``sq``, ``count``) or
+        ``mc_fisher`` (``sq``, ``seen``, ``count``) and ``generator`` (the label draws'
+        generator state)."""
         state = super().state_dict()
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict()
+            state["log_tau"] = self.log_tau.state_dict()
+            state["validation_batches"] = self.validation_batches.state_dict()
         if self.fisher is not None:
             state["fisher"] = {"mean": self.fisher.mean, "sq": self.fisher.sq, "count": self.fisher.count}
         if self.mc_fisher is not None:
@@ -282,6 +341,10 @@ class MAPStepper(Stepper):
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict` after `setup`."""
         super().load_state_dict(state)
+        if self.probe is not None:
+            self.probe.load_state_dict(state["probe"])
+            self.log_tau.load_state_dict(state["log_tau"])
+            self.validation_batches.load_state_dict(state["validation_batches"])
         if self.fisher is not None:
             self.fisher.mean.copy_(state["fisher"]["mean"])
             self.fisher.sq.copy_(state["fisher"]["sq"])
@@ -312,6 +375,7 @@ def optimise_map(
     checkpointing: Checkpointing | None = None,
     on_step: Callable[[dict[str, float], int], None] | None = None,
     fisher_sampler: FisherSampler | None = None,
+    validation: ValidationData | None = None,
 ) -> FitState:
     """Maximise the posterior density of the adapters (and, if learned, the evidence for tau).
 
@@ -336,15 +400,20 @@ def optimise_map(
     on_step
         ``on_step(metrics, step)`` after every step (see `run_steps`; e.g. experiment trackers).
     fisher_sampler
-        With a learned tau and ``train.tau_curvature="fisher"``: how to draw observations from
-        the model (`curvature.FisherSampler`; `fit_map` passes the LM's).
+        With a learned tau, ``train.tau_method="evidence"`` and ``train.tau_curvature="fisher"``:
+        how to draw observations from the model (`curvature.FisherSampler`; `fit_map` passes the LM's).
+    validation
+        With a learned tau and ``train.tau_method="validation"``: the validation minibatches
+        and the model's logits function (`hyper.ValidationData`; `fit_map` builds it).
 
     Returns
     -------
     `FitState`; with a learned tau its ``history["tau_update"]`` lists the evidence updates
     (`MAPStepper`).
     """
-    stepper = MAPStepper(model, train, init_global=init_global, fisher_sampler=fisher_sampler)
+    stepper = MAPStepper(
+        model, train, init_global=init_global, fisher_sampler=fisher_sampler, validation=validation
+    )
     state = run_steps(stepper, batches, validate=validate, checkpointing=checkpointing, on_step=on_step)
     if stepper.learn:
         state.history["tau_update"] = stepper.tau_updates

@@ -26,7 +26,8 @@ def _full_batches(problem):
 
 
 def _train(**kw):
-    return TrainConfig(device="cpu", progress=False, **kw)
+    """The learned-tau tests here are of the Laplace evidence (test_hyper.py: the validation method)."""
+    return TrainConfig(device="cpu", progress=False, **{"tau_method": "evidence", **kw})
 
 
 def _fit(problem, tau, steps=1500, lr=0.05, **kw):

@@ -42,8 +42,8 @@ def map_fits():
     for true_tau in TRUE_TAUS:
         corpus, base, tok = generated_corpus(true_tau, rank=LAYOUT["rank"], alpha=LAYOUT["alpha"],
                                              target_modules=tuple(LAYOUT["target_modules"]))
-        fit = bora_pyro.fit_map(corpus, tau="learn", tau_init=100.0, max_steps=1200, lr=2e-2,
-                                **_fit_kwargs(base, tok))
+        fit = bora_pyro.fit_map(corpus, tau="learn", tau_method="evidence", tau_init=100.0, max_steps=1200,
+                                lr=2e-2, **_fit_kwargs(base, tok))
         out[true_tau] = (corpus, base, tok, fit)
     torch.set_num_threads(threads)
     return out

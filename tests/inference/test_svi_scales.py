@@ -177,7 +177,8 @@ def test_predictive_intervals_widen_as_training_data_shrink(seed):
                           validation_size=0.0, seed=seed)
     common = dict(model=tiny_causal_lm("llama", hidden_size=32, num_layers=1, seed=seed), tokenizer=tok,
                   rank=2, alpha=4, batch_size=8, device="cpu", progress=False, seed=seed, patience=None)
-    map_fit = bora_pyro.fit_map(corpus, tau="learn", tau_init=100.0, max_steps=150, lr=1e-2, **common)
+    map_fit = bora_pyro.fit_map(corpus, tau="learn", tau_method="evidence", tau_init=100.0, max_steps=150,
+                                lr=1e-2, **common)
     svi = bora_pyro.fit_svi(None, init=map_fit, max_steps=100, lr=1e-2, **common)
     table = svi.evaluate("test", num_samples=16).iloc[:-1]  # the last row is "overall"
     width = (table["perplexity_high"] / table["perplexity_low"]).to_numpy()
