@@ -115,6 +115,7 @@ class StepRun:
     methods: tuple[str, ...] | None  # None: step_time's default, every method
     cap: tuple[float, float]
     why: str = ""
+    extra: tuple[str, ...] = ()  # more step_time.py arguments
 
 
 # bf16 autocast of the base, batch 64 x 256, rank 16: the H200 anchors of DESIGN.md section 6.
@@ -123,21 +124,13 @@ STEP_TINY = ("--dtype", "bf16", "--batch", "4", "--seq", "16", "--rank", "2", "-
              "--vocab", "128", "--steps", "2", "--warmup", "1", "--json")
 STEP_RUNS = (
     StepRun("tasks25", (25, 3), None, (150.0, 300.0)),
-    StepRun("tasks1000", (1000, 12), ("floor", "map", "eval"), (150.0, 300.0),
+    StepRun("tasks1000", (1000, 12), ("floor", "map", "svi", "eval"), (150.0, 300.0),
             why="no paper-code loop (1,000 PEFT adapters take minutes to build and 64 forwards a "
-                "step) and no SVI with the [D, P] table on the device (about 156 GB of state for the "
-                "seven projections at rank 16, over the H200's 141 GB)"),
+                "step); the [D, P] tables in host memory (adapter_storage='auto': SVI's state for "
+                "the seven projections at rank 16, about 156 GB, does not fit on the H200)",
+            extra=("--adapter-storage", "auto")),
 )
 
-# ---- issue 14, items 2 and 4: flags another change adds to step_time.py ---------------------
-# Added to a run only when step_time.py's own parser accepts them (checked before each run), so
-# that this file works with the step_time.py of today and takes them up once they land. With the
-# adapter table in host memory SVI fits at 1,000 tasks; both runs keep the seven projections of
-# DESIGN.md's anchors (`--targets q_proj v_proj` gives the issue's 24-GiB shape instead).
-ISSUE14_FLAGS = {
-    "tasks1000": ("--adapter-storage", "auto", "--methods", "floor", "map", "svi", "eval"),
-}
-# -----------------------------------------------------------------------------------------------
 
 #: Seconds kept back: for writing the JSON at the end, for the sweep's table call after a stop.
 FINAL_RESERVE = 10.0
@@ -420,26 +413,19 @@ def accepts(parse_args, argv: Sequence[str]) -> bool:
 
 
 def step_argv(run: StepRun, mode: str, device: str) -> list[str]:
-    """step_time.py's arguments for ``run`` (without the issue-14 flags)."""
+    """step_time.py's arguments for ``run``."""
     tiny = mode == "tiny"
     argv = [*(("--device", device) + STEP_TINY if tiny else STEP_FULL), "--tasks", str(run.tasks[tiny])]
     if run.methods is not None:
         argv += ["--methods", *run.methods]
-    return argv
+    return argv + list(run.extra)
 
 
 def run_step_times(clock: Clock, mode: str, device: str, log: Path) -> dict[str, Any]:
-    parse_args = _step_time_module().parse_args
     runs = {}
     for run in STEP_RUNS:
         argv = step_argv(run, mode, device)
-        extra = list(ISSUE14_FLAGS.get(run.name, ()))
-        used_extra = bool(extra) and accepts(parse_args, argv + extra)
-        if used_extra:
-            argv += extra
-        entry: dict[str, Any] = {"argv": argv, "note": run.why or None,
-                                 "issue14_flags": extra if used_extra else
-                                 (f"not accepted by step_time.py yet: {shlex.join(extra)}" if extra else None)}
+        entry: dict[str, Any] = {"argv": argv, "note": run.why or None}
         limit = clock.limit(run.cap[mode == "tiny"])
         if limit < 20:
             runs[run.name] = {**entry, **skipped(f"{clock.remaining():.0f} s left of the budget")}

@@ -80,9 +80,9 @@ def test_tiny_run_times_both_task_counts(tiny_run, gpu_check):
         result = run["result"]
         assert list(result["by_tasks"]) == [tasks]
         assert result["config"]["dtype"] == "bf16" and result["map_ratio"] > 0
-        assert run["issue14_flags"] is None or isinstance(run["issue14_flags"], (str, list))
     assert {"floor", "loop", "map", "svi"} <= set(runs["tasks25"]["result"]["median_s"])
-    assert set(runs["tasks1000"]["result"]["median_s"]) == {"floor", "map", "eval_base", "eval_bora"}
+    assert set(runs["tasks1000"]["result"]["median_s"]) == {"floor", "map", "svi", "eval_base", "eval_bora"}
+    assert runs["tasks1000"]["argv"][-2:] == ["--adapter-storage", "auto"]
 
 
 def test_tiny_run_sweeps_every_tau_in_order_and_copies_the_tables(tiny_run, gpu_check):
