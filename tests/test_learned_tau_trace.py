@@ -33,3 +33,13 @@ def test_trace_of_a_tiny_fit(trace, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["step", "tau_A", "gamma_A", "S_A"]
     assert len(text["updates"]) == 16 and lines[-1].startswith("learned tau: A = ")
+
+
+def test_trace_of_the_validation_method(trace, capsys):
+    out = trace.main(["--tiny", "--device", "cpu", "--max-steps", "30", "--tau-method", "validation"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["step", "tau_A", "grad_A", "tau_B", "grad_B"]
+    # 15 updates per run after a tenth of it: after steps 3 + 2k, k = 1..13.
+    assert [u["step"] for u in out["updates"]] == list(range(4, 30, 2))
+    assert all(set(u) == {"step", "tau", "grad"} and all(math.isfinite(g) for g in u["grad"]) for u in out["updates"])
+    assert out["settings"]["tau_method"] == "validation" and lines[-1].startswith("learned tau: A = ")
