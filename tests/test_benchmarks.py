@@ -1,25 +1,21 @@
 """The step-time benchmark runs end to end at tiny sizes and reports what it promises."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_benchmark
+
 pytest.importorskip("peft")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
 TINY = ["--device", "cpu", "--layers", "1", "--hidden", "32", "--vocab", "128", "--seq", "16",
         "--batch", "4", "--steps", "1", "--warmup", "1", "--json"]
 
 
 @pytest.fixture(scope="module")
 def step_time():
-    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_time")
 
 
 def _positive(x):

@@ -3,7 +3,6 @@ its first line what is missing (here: CUDA), keeps to its budget, stops the swee
 deadline with the tables of what was fitted, and leaves at most 8 files."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.scripts import load_benchmark
 
 pytest.importorskip("peft")
 
@@ -26,12 +27,8 @@ NO_CUDA = not torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield load_benchmark("gpu_check")
+    del sys.modules["gpu_check"]
 
 
 @pytest.fixture(scope="module")

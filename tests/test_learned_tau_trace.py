@@ -1,21 +1,16 @@
 """benchmarks/learned_tau_trace.py runs end to end on a tiny model and prints every evidence update."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_tau_trace.py"
+from tests.scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def trace():
-    spec = importlib.util.spec_from_file_location("learned_tau_trace", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("learned_tau_trace")
 
 
 def test_trace_of_a_tiny_fit(trace, capsys):

@@ -1,24 +1,18 @@
 """benchmarks/offset_shrinkage.py runs on a saved tiny fit: lambda = 1 is the fit itself, lambda = 0
 every task on the global adapter."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
 import bora_pyro
 from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, tiny_causal_lm
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "offset_shrinkage.py"
+from tests.scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def shrinkage():
-    spec = importlib.util.spec_from_file_location("offset_shrinkage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("offset_shrinkage")
 
 
 def test_shrinkage_grid_of_a_saved_fit(shrinkage, tmp_path, capsys):

@@ -2,7 +2,6 @@
 the learning-rate schedule, divergence and early stopping."""
 
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -119,11 +118,10 @@ def test_build_bora_builds_what_the_fit_trains(corpus, map_result):
 
 def test_the_step_time_benchmark_builds_its_models_with_build_bora(monkeypatch, capsys):
     pytest.importorskip("peft")
-    from tests.test_benchmarks import SCRIPT, TINY
+    from tests.scripts import load_benchmark
+    from tests.test_benchmarks import TINY
 
-    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
-    step_time = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_time)
+    step_time = load_benchmark("step_time")
     calls = []
 
     def counting(base, corpus, config, *, seed, docs_per_task=None):
