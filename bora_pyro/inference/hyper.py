@@ -45,6 +45,7 @@ evidence stays the default and this method is an option for runs that converge.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -169,8 +170,7 @@ class LogTauAdam:
         m_hat = self.m / (1 - b1**self.count)
         v_hat = self.v / (1 - b2**self.count)
         self.log_tau.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
-        low, high = self.bounds
-        self.log_tau.clamp_(min=torch.tensor(low).log().item(), max=torch.tensor(high).log().item())
+        self.log_tau.clamp_(min=math.log(self.bounds[0]), max=math.log(self.bounds[1]))
         return self.tau
 
     def state_dict(self) -> dict:
