@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit MAP for every tau of a grid on one split and write the paper's tables and "
                     "figures. Settings not given come from --config.")
     sw.add_argument("--config", default="cpu", choices=sorted(SWEEP_CONFIGS),
-                    help="cpu: 12 characters, 100 steps, under an hour on 2 CPU cores; paper: 25 "
+                    help="cpu: 12 characters, early stopping (at most 600 steps), one to two hours on 2 CPU cores; paper: 25 "
                          "characters with >= 100 speeches, 256 tokens, rank 16, for a GPU (default: %(default)s)")
     sw.add_argument("--out", required=True, metavar="DIR",
                     help="folder for fits, tables and figures; running again continues a stopped sweep")

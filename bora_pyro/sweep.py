@@ -201,6 +201,8 @@ def _cpu_config() -> SweepConfig:
     from .data.shakespeare import DEFAULT_CHARACTERS
 
     # Two characters per play (the lead and a small part): 12 tasks with 8 to 205 training speeches.
+    # Every fit runs to early stopping on validation (three evaluations without improvement),
+    # capped at 600 steps (about five epochs), so that the grid compares converged fits.
     chosen = (
         "HAMLET (Hamlet)", "OSRIC (Hamlet)", "IAGO (Othello)", "BIANCA (Othello)",
         "BRUTUS (Julius Caesar)", "PORTIA (Julius Caesar)", "KING LEAR (King Lear)",
@@ -214,7 +216,7 @@ def _cpu_config() -> SweepConfig:
         name="cpu", characters=chosen, taus=(0.0, 1e2, 1e3, 1e4, 1e5, _INF, "learn"),
     ).with_overrides(  # rank: BoraConfig's default (8)
         alpha=16.0, target_modules=["q_proj", "v_proj"], max_length=96, batch_size=8,
-        lr=2e-3, max_steps=100, epochs=None, eval_every=25, patience=None,
+        lr=2e-3, max_steps=600, epochs=None, eval_every=25, patience=3,
         max_eval_docs_per_task=4, eval_docs_per_task=12,
     )
 
