@@ -39,13 +39,94 @@ import torch
 
 from ..checks import positive_int
 
-__all__ = ["IGNORE_INDEX", "DEFAULT_ROW_TOKENS", "Batch", "collate", "collate_packed", "pack_rows"]
+__all__ = ["IGNORE_INDEX", "DEFAULT_ROW_TOKENS", "Batch", "TaskGroups", "task_groups", "collate", "collate_packed",
+           "pack_rows"]
 
 #: Label value of positions that are not scored (the value ignored by torch's cross-entropy).
 IGNORE_INDEX: int = -100
 
 #: Token budget of one packed row (`collate_packed`), unless a document is longer.
 DEFAULT_ROW_TOKENS: int = 512
+
+
+@dataclass
+class TaskGroups:
+    """The distinct tasks of a batch and which tokens go with which, computed on the host when the
+    batch is collated (`task_groups`), so that the forward pass reads nothing back from the device.
+
+    Attributes
+    ----------
+    tasks : torch.LongTensor or None
+        ``[K]`` distinct task ids of the batch in order of first appearance (the order of
+        `bora_pyro.models.bora.TaskSubsample.index`). ``None``: the adapters handed to the model
+        are already one row per distinct task, in this order.
+    local : torch.LongTensor
+        ``[B]`` position in ``tasks`` of each document's task (``tasks[local]`` are the task ids).
+    size : int
+        ``K``.
+    order, inverse : torch.LongTensor or None
+        Packed batches with ``K > 1``: the ``R * L`` flat token positions sorted by the position
+        of their task (stable; padding goes with document 0), and the inverse permutation.
+    counts : tuple of int
+        Packed batches: tokens of each of the K tasks (padding counted with document 0's task).
+    """
+
+    tasks: torch.Tensor | None
+    local: torch.Tensor
+    size: int
+    order: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
+    counts: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        """``K``, the number of distinct tasks."""
+        return self.size
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> TaskGroups:
+        """A copy with every tensor on ``device``."""
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return TaskGroups(move(self.tasks), move(self.local), self.size, move(self.order), move(self.inverse),
+                          self.counts)
+
+    def as_rows(self) -> TaskGroups:
+        """The same groups for adapters that are already one row per distinct task (``tasks=None``)."""
+        return TaskGroups(None, self.local, self.size, self.order, self.inverse, self.counts)
+
+
+def task_groups(task_ids, segment_ids=None) -> TaskGroups:
+    """`TaskGroups` of a batch from its ``[B]`` task ids (and, packed, its ``[R, L]`` segment ids),
+    computed with numpy on the host (a device tensor is copied to the host first).
+
+    Parameters
+    ----------
+    task_ids : torch.LongTensor or numpy.ndarray
+        ``[B]`` task id of each document.
+    segment_ids : torch.LongTensor or numpy.ndarray, optional
+        ``[R, L]`` document of each token of a packed batch, ``-1`` at padding.
+    """
+    ids = np.asarray(task_ids.detach().cpu() if isinstance(task_ids, torch.Tensor) else task_ids,
+                     dtype=np.int64).reshape(-1)
+    present, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    by_first = np.argsort(first, kind="stable")          # first-appearance order
+    rank = np.empty_like(by_first)
+    rank[by_first] = np.arange(len(by_first))
+    local = rank[inverse.reshape(-1)]
+    groups = TaskGroups(tasks=torch.from_numpy(present[by_first].astype(np.int64)), local=torch.from_numpy(local),
+                        size=len(present))
+    if segment_ids is None:
+        return groups
+    segments = np.asarray(segment_ids.detach().cpu() if isinstance(segment_ids, torch.Tensor) else segment_ids,
+                          dtype=np.int64).reshape(-1)
+    token_group = local[np.maximum(segments, 0)]          # [T]; padding takes document 0's task
+    groups.counts = tuple(np.bincount(token_group, minlength=len(present)).tolist())
+    if len(present) > 1:
+        order = np.argsort(token_group, kind="stable")
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        groups.order, groups.inverse = torch.from_numpy(order), torch.from_numpy(back)
+    return groups
 
 
 @dataclass
@@ -73,6 +154,10 @@ class Batch:
     segment_ids : torch.LongTensor or None
         Packed only: ``[R, L]`` which of the batch's documents each token belongs to (``b`` in
         ``0 .. B - 1``, so its task is ``task_ids[b]``), ``-1`` at padding.
+    groups : TaskGroups or None
+        The batch's distinct tasks and, packed, its tokens grouped by task (`task_groups`),
+        computed by `collate` / `collate_packed` on the host; ``None`` for a batch built
+        otherwise (the model then gathers one adapter per row, or groups the tokens itself).
     """
 
     input_ids: torch.Tensor
@@ -82,9 +167,10 @@ class Batch:
     doc_index: torch.Tensor
     position_ids: torch.Tensor | None = None
     segment_ids: torch.Tensor | None = None
+    groups: TaskGroups | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
-        """Return a copy of the batch with every tensor moved to ``device``."""
+        """Return a copy of the batch with every tensor (``groups`` included) moved to ``device``."""
         return Batch(
             **{
                 f.name: None if getattr(self, f.name) is None
@@ -185,6 +271,7 @@ def collate(
         labels=torch.from_numpy(labels),
         task_ids=task_ids,
         doc_index=index,
+        groups=task_groups(task_ids),
     )
 
 
@@ -282,4 +369,5 @@ def collate_packed(
         doc_index=index,
         position_ids=torch.from_numpy(position_ids),
         segment_ids=torch.from_numpy(segment_ids),
+        groups=task_groups(task_ids, segment_ids),
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import pyro
@@ -24,7 +25,12 @@ from .rows import LazyAdamW, resolve_storage
 if TYPE_CHECKING:
     from .checkpoint import Checkpointing
 
-__all__ = ["FitState", "Stepper", "run_steps", "initial_tau", "lr_factor", "lr_scheduler", "base_lr"]
+__all__ = ["FitState", "Stepper", "run_steps", "initial_tau", "lr_factor", "lr_scheduler", "base_lr", "READ_EVERY"]
+
+#: Steps between two reads of the step values (loss, gradient norm, NLL, tau) from the compute
+#: device; `run_steps` also reads them at the first step, before each validation and checkpoint,
+#: and at the last step.
+READ_EVERY = 25
 
 
 @dataclass
@@ -46,8 +52,10 @@ class FitState:
     history
         Lists per step: ``step``, ``loss`` (the negative ELBO / log joint estimate, per
         training document), ``train_nll`` (per scored token, of the batch), ``val_nll`` (per
-        token; NaN when not evaluated), ``tau`` (list per group), ``seconds`` (wall time of the
-        optimiser step, tau update included; loss.item() synchronises a GPU, so it is exact).
+        token; NaN when not evaluated), ``tau`` (list per group), ``seconds`` (host wall time of
+        the optimiser step, tau update included; on a GPU the steps between two reads of the
+        values (`READ_EVERY`) run ahead of the device, and the step of each read absorbs the
+        wait, so only sums over a read interval are the device's time).
     best_step
         Step whose state was kept (best validation value with early stopping, else the last).
     """
@@ -171,8 +179,12 @@ class Stepper:
             nbytes = 3 * self.tables_per_task * model.num_tasks * model.num_params * 4  # values + 2 moments
             self.storage = resolve_storage(train.adapter_storage, self.device, nbytes)
         self._prepared: tuple | None = None
-        #: Learning rate and gradient norm of the last step (read with its loss, one sync).
-        self.last_lr, self.last_grad_norm = math.nan, math.nan
+        #: Learning rate of the last step, and its gradient norm (a 0-dim tensor on the compute
+        #: device, read by `run_steps` with the loss).
+        self.last_lr, self.last_grad_norm = math.nan, torch.tensor(math.nan)
+        #: Whether the next step runs with Pyro's validation (when it is on): the first step of
+        #: a run does, the others skip its checks, which read values back from the device.
+        self.validate_next = True
 
     @property
     def learn(self) -> bool:
@@ -217,10 +229,16 @@ class Stepper:
 
     def prepare(self, batch):
         """``batch`` on the compute device; for sparse steps also its `TaskSubsample`, read
-        from the task ids while they are still on the host (no device sync), kept for `step`."""
+        from the task ids while they are still on the host (no device sync), kept for `step`.
+        A batch with `TaskGroups` (``batch.groups``) shares their ``local`` index with the
+        subsample (both list the tasks in order of first appearance), which tells the model
+        that its adapters are already the K rows of the batch's tasks."""
         moved = batch.to(self.device)
         if self.sparse:
-            self._prepared = (moved, self.model.subsample_tasks(batch.task_ids, self.device))
+            tasks = self.model.subsample_tasks(batch.task_ids, self.device)
+            if getattr(moved, "groups", None) is not None:
+                tasks = replace(tasks, local=moved.groups.local)
+            self._prepared = (moved, tasks)
         return moved
 
     def task_subsample(self, batch) -> TaskSubsample:
@@ -229,13 +247,16 @@ class Stepper:
             return self._prepared[1]
         return self.model.subsample_tasks(batch.task_ids, self.device)
 
-    def step(self, batch) -> float:
-        """One optimiser step on a minibatch and one step of the schedule.
+    def step(self, batch) -> torch.Tensor:
+        """One optimiser step on a minibatch and one step of the schedule, without reading
+        anything back from the compute device.
 
-        Returns the loss (negative ELBO estimate); `last_grad_norm` is the gradient's total
-        2-norm, read with the loss in one host synchronisation. A forward pass that produced
-        non-finite values (which Pyro's validation reports as a constraint violation) returns
-        NaN for both, for `run_steps` to report the divergence.
+        Returns the loss (negative ELBO estimate) as a 0-dim tensor on the compute device;
+        `last_grad_norm` is the gradient's total 2-norm, likewise (`run_steps` reads both every
+        few steps). Only the first step of a run runs with Pyro's validation (`validate_next`);
+        a forward pass that produced non-finite values there (which Pyro's validation reports
+        as a constraint violation) returns NaN for both, for `run_steps` to report the
+        divergence. Later steps let non-finite values through to the loss.
         """
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -244,14 +265,16 @@ class Stepper:
             kwargs["tasks"] = tasks = self.task_subsample(batch)
             rows = self.optimizer.gather(tasks.host_index)
             self.guide.gathered = {name: rows[id(t)] for name, t in self._tables().items()}
+        checks = nullcontext() if self.validate_next else pyro.validation_enabled(False)
+        self.validate_next = False
         try:
-            with pyro.settings.context(module_local_params=True), self.amp():
+            with checks, pyro.settings.context(module_local_params=True), self.amp():
                 loss = self.elbo.differentiable_loss(self.model, self.guide, batch, **kwargs)
         except ValueError as err:
             if not _invalid_values(err):
                 raise
-            self.last_grad_norm = math.nan
-            return math.nan
+            self.last_grad_norm = torch.full((), math.nan, device=self.device)
+            return self.last_grad_norm.clone()
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         distributed.all_reduce_gradients(params)  # data parallel: the mean over ranks
@@ -263,9 +286,8 @@ class Stepper:
         self.optimizer.step()
         self.scheduler.step()
         # data parallel: the global batch's loss is the mean of the ranks' (see bora_pyro.distributed)
-        loss = distributed.sum_over_ranks(loss.detach()) / distributed.world_size()
-        value, self.last_grad_norm = torch.stack([loss, grad_norm.to(loss.dtype)]).tolist()
-        return value
+        self.last_grad_norm = grad_norm.detach()
+        return distributed.sum_over_ranks(loss.detach()) / distributed.world_size()
 
     def after_backward(self) -> None:
         """Hook between backward and the optimiser step (e.g. to read gradients)."""
@@ -379,15 +401,20 @@ def run_steps(
     on the best one (``None``: never). ``validate`` may also return ``(nll, {task: nll})``, the
     NLL per token overall and per task; the overall value is the one compared.
 
-    ``on_step(metrics, step)`` (e.g. `bora_pyro.tracking.Trackers.log_metrics`) is called after
-    every step with the values read for the history, so it adds no host synchronisation:
-    ``loss``, ``train_nll``, ``lr``, ``step_seconds`` and ``tau/<group>``; after a validation
-    also ``val_nll`` and ``val_perplexity``, and ``val_perplexity_per_task/<task>`` when
-    ``validate`` gives per-task values. Non-finite values (a tau of ``inf``) are left out.
+    ``on_step(metrics, step)`` (e.g. `bora_pyro.tracking.Trackers.log_metrics`) is called for
+    every step, in order, when its values are read (see below), so it adds no host
+    synchronisation: ``loss``, ``train_nll``, ``lr``, ``step_seconds`` and ``tau/<group>``;
+    after a validation also ``val_nll`` and ``val_perplexity``, and
+    ``val_perplexity_per_task/<task>`` when ``validate`` gives per-task values. Non-finite
+    values (a tau of ``inf``) are left out.
 
-    A non-finite loss or gradient stops the run with a `FloatingPointError` that names the step
-    and the learning rate; it is checked on the values read for the history, so it costs no
-    extra host synchronisation. No checkpoint holds a non-finite state.
+    Reads from the device: the steps leave their loss, gradient norm, NLL, scored-token count
+    and tau on the compute device, and the loop reads them, for every step since the last
+    read, in one transfer at the first step, every `READ_EVERY` steps, before each validation
+    and checkpoint, and at the last step; the history holds every step's values. A non-finite
+    loss or gradient stops the run at the next read with a `FloatingPointError` that names the
+    first such step and its learning rate (the steps after it, up to the read, ran on
+    non-finite values and are discarded). No checkpoint holds a non-finite state.
 
     With ``checkpointing`` (see `bora_pyro.inference.checkpoint`) the full state is written every
     ``checkpointing.every`` steps, at the last step and on early stopping; ``batches`` must then
@@ -413,55 +440,89 @@ def run_steps(
         start = checkpointing.resume.step + 1
     bar = tqdm(range(start, start if stopped_early else steps), initial=start, total=steps,
                desc=stepper.name, disable=not (train.progress and distributed.is_main()), dynamic_ncols=True)
+    #: ``(step, lr, seconds, values on the device)`` of the steps not yet read
+    pending: list[tuple[int, float, float, torch.Tensor]] = []
+
+    def read() -> list[tuple[int, float, float, list[float]]]:
+        """The pending steps with their values on the host (one transfer); raises for the
+        first non-finite step."""
+        rows = torch.stack([values for *_, values in pending]).tolist() if pending else []
+        done = [(step, lr, seconds, row) for (step, lr, seconds, _), row in zip(pending, rows)]
+        pending.clear()
+        for step, lr, _, (loss, grad_norm, *_) in done:
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                bar.close()
+                raise FloatingPointError(_divergence_message(stepper, step, loss, grad_norm, lr, checkpointing))
+        return done
+
+    def record(done, val_per_task: dict[str, float] | None = None) -> None:
+        """Append read steps to the history and report them (``val_per_task``: the last one
+        was just validated; its ``val_nll`` is already set)."""
+        for k, (step, lr, seconds, (loss, _, nll, n_tokens, *tau)) in enumerate(done):
+            last = k == len(done) - 1
+            history["step"].append(step)
+            history["loss"].append(loss / model.num_docs)
+            history["train_nll"].append(nll / n_tokens if n_tokens else math.nan)
+            history["tau"].append(tau)
+            history["seconds"].append(seconds)
+            history["val_nll"].append(math.nan)
+            if on_step is not None and not (last and val_per_task is not None):
+                on_step(_step_metrics(history, model.group_names, lr, {}), step)
+
     batch = first
     for step in bar:
         if step > start:
             batch = stepper.prepare(next(batches))
         started = time.perf_counter()
         loss = stepper.step(batch)
-        if not (math.isfinite(loss) and math.isfinite(stepper.last_grad_norm)):
-            bar.close()
-            raise FloatingPointError(_divergence_message(stepper, step, loss, checkpointing))
+        head = _step_values(stepper, batch, loss)
+        failed = None
         try:
             stepper.after_step(step)  # e.g. the tau update's Monte-Carlo Fisher
-        except FloatingPointError:
+        except (FloatingPointError, RuntimeError, ValueError) as err:
+            failed = err
+        tau = stepper.tau.detach().to(head.device, torch.float64).reshape(-1)
+        if failed is not None:  # a non-finite step before it is the cause: report that one
+            pending.append((step, stepper.last_lr, 0.0, torch.cat([head, tau])))
+            read()
+            if not isinstance(failed, FloatingPointError):
+                raise failed
             bar.close()
-            raise FloatingPointError(_divergence_message(stepper, step, loss, checkpointing)) from None
-        history["seconds"].append(time.perf_counter() - started)
-        n_tokens, nll = _scored_tokens(batch), model.last_nll
-        if distributed.active():  # the global batch's NLL per token
-            nll, n_tokens = distributed.sum_over_ranks(torch.tensor([nll, float(n_tokens)], dtype=torch.float64,
-                                                                    device=stepper.device)).tolist()
-        train_nll = nll / n_tokens if n_tokens else math.nan
-        history["step"].append(step)
-        history["loss"].append(loss / model.num_docs)
-        history["train_nll"].append(train_nll)
-        history["tau"].append(stepper.tau.tolist())
+            raise FloatingPointError(_divergence_message(
+                stepper, step, math.nan, math.nan, stepper.last_lr, checkpointing, finite=True))
+        pending.append((step, stepper.last_lr, time.perf_counter() - started, torch.cat([head, tau])))
+        validating = validate is not None and ((step + 1) % eval_every == 0 or step == steps - 1)
+        due = checkpointing is not None and checkpointing.due(step, steps, stopped_early)
+        if not (validating or due or step == start or step == steps - 1 or (step + 1 - start) % READ_EVERY == 0):
+            continue
+        done = read()
         val, val_per_task = math.nan, {}
-        if validate is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
+        record(done, val_per_task if validating else None)
+        if validating:
             val = validate(stepper.point()[0])
             if isinstance(val, tuple):
                 val, val_per_task = val
             val = float(val)
+            history["val_nll"][-1] = val
             if val < best_value:
                 best_value, best_state, best_step = val, stepper.snapshot(), step
                 bad_evals = 0
             else:
                 bad_evals += 1
                 stopped_early = train.patience is not None and bad_evals >= train.patience
-        history["val_nll"].append(val)
-        if on_step is not None:
-            on_step(_step_metrics(history, model.group_names, stepper.last_lr, val_per_task), step)
-        postfix = {"nll/tok": f"{train_nll:.3f}"}
+            if on_step is not None:
+                on_step(_step_metrics(history, model.group_names, done[-1][1], val_per_task), step)
+        postfix = {"nll/tok": f"{history['train_nll'][-1]:.3f}"}
         if best_state is not None:
             postfix["best val ppl"] = f"{math.exp(best_value):.2f}"
         if stepper.learn:
-            postfix["tau"] = ",".join(f"{t:.3g}" for t in stepper.tau.tolist())
+            postfix["tau"] = ",".join(f"{t:.3g}" for t in history["tau"][-1])
         bar.set_postfix(postfix, refresh=False)
         if checkpointing is not None and checkpointing.due(step, steps, stopped_early):
             if not stepper.is_finite():
                 bar.close()
-                raise FloatingPointError(_divergence_message(stepper, step, loss, checkpointing))
+                raise FloatingPointError(_divergence_message(
+                    stepper, step, math.nan, math.nan, stepper.last_lr, checkpointing, finite=True))
             if distributed.is_main():  # every rank holds the same state
                 checkpointing.save(step, stepper=stepper, batches=batches, loop={
                     "history": history, "best_value": best_value, "best_state": best_state,
@@ -483,6 +544,19 @@ def run_steps(
     )
 
 
+def _step_values(stepper: Stepper, batch, loss) -> torch.Tensor:
+    """``[4]`` float64 on the compute device: the step's loss, gradient norm, unscaled NLL of
+    the batch and its scored tokens (summed over ranks under data parallelism), not read."""
+    device, f64 = stepper.device, torch.float64
+    nll = stepper.model.last_nll_tensor.to(device, f64)
+    n_tokens = _scored_tokens(batch)
+    n_tokens = torch.zeros((), dtype=f64, device=device) if n_tokens is None else n_tokens.to(device, f64)
+    if distributed.active():  # the global batch's NLL per token
+        nll, n_tokens = distributed.sum_over_ranks(torch.stack([nll, n_tokens])).unbind()
+    return torch.stack([torch.as_tensor(loss, dtype=f64, device=device),
+                        torch.as_tensor(stepper.last_grad_norm, dtype=f64, device=device), nll, n_tokens])
+
+
 def _step_metrics(history: dict[str, list], groups: list[str], lr: float,
                   val_per_task: dict[str, float]) -> dict[str, float]:
     """The last step of ``history`` as ``{name: value}`` for `run_steps`' ``on_step``: finite
@@ -499,12 +573,15 @@ def _step_metrics(history: dict[str, list], groups: list[str], lr: float,
     return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
-def _divergence_message(stepper: Stepper, step: int, loss: float, checkpointing: Checkpointing | None) -> str:
+def _divergence_message(stepper: Stepper, step: int, loss: float, grad_norm: float, lr: float,
+                        checkpointing: Checkpointing | None, *, finite: bool = False) -> str:
+    """What diverged at ``step`` (its ``loss`` and ``grad_norm``, or with ``finite`` the adapters
+    after a step whose values were finite), at learning rate ``lr``, and what to try."""
     train = stepper.train
     what = (
-        f"the loss is {loss}" if not math.isfinite(loss)
-        else f"the gradient norm is {stepper.last_grad_norm}" if not math.isfinite(stepper.last_grad_norm)
-        else "the adapters are no longer finite"
+        "the adapters are no longer finite" if finite
+        else f"the loss is {loss}" if not math.isfinite(loss)
+        else f"the gradient norm is {grad_norm}"
     )
     lower = f"lr_per_tau={train.lr_per_tau / 10:g}" if train.lr_per_tau is not None else f"lr={train.lr / 10:g}"
     warmup = max(1, stepper.steps // 10, 2 * train.warmup_steps)
@@ -516,7 +593,7 @@ def _divergence_message(stepper: Stepper, step: int, loss: float, checkpointing:
         hints.append("a smaller alpha (the base model already runs in fp32)")
     message = (
         f"Training diverged at step {step} (0-based) of {stepper.steps}: {what}, at learning rate "
-        f"{stepper.last_lr:.3g}. Try " + ", ".join(hints[:-1]) + f" or {hints[-1]}."
+        f"{lr:.3g}. Try " + ", ".join(hints[:-1]) + f" or {hints[-1]}."
     )
     if checkpointing is not None:
         message += (
@@ -526,8 +603,10 @@ def _divergence_message(stepper: Stepper, step: int, loss: float, checkpointing:
     return message
 
 
-def _scored_tokens(batch) -> int:
+def _scored_tokens(batch) -> torch.Tensor | None:
+    """Scored (predicted) tokens of ``batch``, a 0-dim tensor on its device (not read), or
+    ``None`` for a batch without labels."""
     labels = getattr(batch, "labels", None)
     if labels is None:
-        return 0
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return None
+    return (labels[:, 1:] != IGNORE_INDEX).sum()

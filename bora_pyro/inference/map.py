@@ -8,7 +8,6 @@ from typing import Callable, Iterator
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import Trace_ELBO
 from torch import nn
 
 from .. import checks, distributed
@@ -16,6 +15,7 @@ from ..config import PARAMETERIZATIONS, TrainConfig
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel, TaskSubsample
 from ..models.prior import PointMass
 from .checkpoint import Checkpointing
+from .elbo import SyncFreeTraceELBO
 from .loop import FitState, Stepper, run_steps
 from .curvature import FisherSampler, MonteCarloFisher
 from .hyper import LogTauAdam, ValidationData, ValidationProbe, implicit_tau_gradient
@@ -190,7 +190,7 @@ class MAPStepper(Stepper):
         fisher_sampler: FisherSampler | None = None,
         validation: ValidationData | None = None,
     ):
-        super().__init__(model, Trace_ELBO(), train)
+        super().__init__(model, SyncFreeTraceELBO(), train)
         self.parameterization = train.parameterization
         self.init_global = init_global.to(self.device)
         self.tau_method = train.tau_method

@@ -48,13 +48,13 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
 from ..config import TrainConfig
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel, TaskSubsample
 from ..models.prior import PointMass
 from .checkpoint import Checkpointing
+from .elbo import SyncFreeMeanFieldELBO
 from .loop import FitState, Stepper, run_steps
 from .rows import host_table
 
@@ -185,7 +185,7 @@ class SVIStepper(Stepper):
         init_tau: torch.Tensor | None = None,
         curvature: torch.Tensor | None = None,
     ):
-        super().__init__(model, TraceMeanField_ELBO(num_particles=train.num_particles), train)
+        super().__init__(model, SyncFreeMeanFieldELBO(num_particles=train.num_particles), train)
         self.init_global = init_global.to(self.device)
         self.init_tasks = (
             init_global.expand(model.num_tasks, -1) if init_tasks is None else init_tasks

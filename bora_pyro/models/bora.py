@@ -283,6 +283,11 @@ class BoraModel(nn.Module):
             return pyro.sample(SITE_TASKS, TaskPrior(theta_g, tau, self.group_index, K))
 
     @property
+    def last_nll_tensor(self) -> torch.Tensor:
+        """`last_nll` as a 0-dim tensor on the compute device (reading it costs no host sync)."""
+        return self._last_nll
+
+    @property
     def last_nll(self) -> float:
         """Unscaled negative log-likelihood of the last batch, for progress reports."""
         return float(self._last_nll)

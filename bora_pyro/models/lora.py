@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..data import IGNORE_INDEX
+from ..data.batches import TaskGroups, task_groups
 from .layout import AdapterLayout
 
 __all__ = [
@@ -49,23 +50,26 @@ class AdapterContext:
     pieces
         ``None`` (plain base model) or one tensor per layout slot (``A`` and ``B`` of each
         module, in layout order): ``[size]`` for one adapter applied to every token (mode
-        ``"shared"``), ``[N, size]`` with one row per batch row (``"rows"``), or ``[K, size]``
-        for the K distinct tasks of a packed batch (``"tokens"``).
+        ``"shared"``), or ``[K, size]`` for K adapters (modes ``"rows"`` and ``"tokens"``).
     mode
         ``"shared"``, ``"rows"`` or ``"tokens"``.
+    local
+        Mode ``"rows"``: ``[N]`` which of the K adapters each row takes (each layer indexes its
+        own pieces with it), or ``None`` when the K adapters are already one per row.
     order, inverse, counts
         Mode ``"tokens"``: the flat token positions sorted by task (``[T]``, stable), the
         inverse permutation (``[T]``), and the number of tokens of each of the K tasks.
     """
 
-    __slots__ = ("pieces", "mode", "order", "inverse", "counts")
+    __slots__ = ("pieces", "mode", "local", "order", "inverse", "counts")
 
     def __init__(self) -> None:
         self.pieces: tuple[torch.Tensor, ...] | None = None
         self.mode = "shared"
+        self.local: torch.Tensor | None = None
         self.order: torch.Tensor | None = None
         self.inverse: torch.Tensor | None = None
-        self.counts: list[int] = []
+        self.counts: Sequence[int] = ()
 
     def state(self) -> tuple:
         """Every attribute, to `restore` after a nested `MultiTaskLM.adapters_applied`."""
@@ -84,7 +88,8 @@ class MultiTaskLoRALinear(nn.Module):
     ``[out, r]`` taken from the context's pieces for this module, ``t`` the task of the token:
 
     - mode ``"shared"``: one adapter for every token (two matrix products);
-    - mode ``"rows"``: one task per row of ``x [N, L, in]``, two batched products over rows;
+    - mode ``"rows"``: one task per row of ``x [N, L, in]``, two batched products over rows
+      (each row's ``A`` and ``B`` indexed from the K adapters of the batch, for this layer only);
     - mode ``"tokens"``: one task per token; the tokens are gathered in task order (one
       ``index_select``), each task's contiguous run goes through its own two products, and the
       results are put back in place (one ``index_select``). Measured on CPU at the demo's shapes
@@ -115,7 +120,10 @@ class MultiTaskLoRALinear(nn.Module):
         if pieces is None:
             return out
         dtype = out.dtype
-        A, B = pieces[self.a_index].to(dtype), pieces[self.b_index].to(dtype)
+        A, B = pieces[self.a_index], pieces[self.b_index]
+        if ctx.mode == "rows" and ctx.local is not None:
+            A, B = A.index_select(0, ctx.local), B.index_select(0, ctx.local)
+        A, B = A.to(dtype), B.to(dtype)
         r, d_in, d_out = self.rank, self.in_features, self.out_features
         if ctx.mode == "shared":
             return out + self.scaling * F.linear(F.linear(x.to(dtype), A.view(r, d_in)), B.view(d_out, r))
@@ -253,19 +261,28 @@ class MultiTaskLM(nn.Module):
         task_ids: torch.Tensor | None = None,
         *,
         segment_ids: torch.Tensor | None = None,
+        groups: TaskGroups | None = None,
     ) -> Iterator[None]:
         """Apply ``adapters`` inside the block.
 
         Parameters
         ----------
         adapters
-            ``None`` (the base model), ``[P]`` (one adapter for every token) or ``[D, P]``.
+            ``None`` (the base model), ``[P]`` (one adapter for every token) or ``[D, P]``
+            (with ``groups.tasks=None``: ``[K, P]``, one per distinct task of ``groups``).
         task_ids
             With ``[D, P]`` adapters: ``[N]`` task of each row, or with ``segment_ids`` ``[B]``
             task of each document of a packed batch.
         segment_ids
             ``[R, L]`` document (index into ``task_ids``) of each token of a packed batch,
             ``-1`` at padding (which takes document 0's adapter: padding is never scored).
+        groups
+            The distinct tasks of ``task_ids`` and, packed, the tokens grouped by task
+            (`bora_pyro.data.batches.TaskGroups`, computed on the host by the collation). With
+            it the K distinct adapters are gathered once (``[K, P]``) and each layer indexes
+            its own pieces per row, and nothing is read back from the device. Without it, a
+            padded batch gathers one whole adapter per row (``[N, P]``) and a packed batch
+            groups its tokens now (`task_groups`: one read of ``task_ids`` from the device).
         """
         if adapters is not None:
             if adapters.shape[-1] != self.layout.size:
@@ -273,7 +290,7 @@ class MultiTaskLM(nn.Module):
                     f"adapters have {adapters.shape[-1]} parameters per task but this model's layout "
                     f"has P={self.layout.size}; were they fitted with another rank or target_modules?"
                 )
-            if adapters.dim() == 2 and task_ids is None:
+            if adapters.dim() == 2 and task_ids is None and groups is None:
                 raise ValueError("adapters of shape [D, P] need task_ids, one task id per row (or per document).")
         probe = self._probe
         if probe.context is not self.context or _get(self.base_model, probe.name) is not probe:
@@ -284,28 +301,29 @@ class MultiTaskLM(nn.Module):
             )
         ctx = self.context
         saved = ctx.state()
-        ctx.mode, ctx.order, ctx.inverse, ctx.counts = "shared", None, None, []
+        ctx.mode, ctx.local, ctx.order, ctx.inverse, ctx.counts = "shared", None, None, None, ()
         if adapters is None:
             ctx.pieces = None
         elif adapters.dim() == 1:
             ctx.pieces = adapters.split(self._slot_sizes, dim=-1)
-        elif segment_ids is None:
+        elif groups is None and segment_ids is None:
             # One gather of each row's adapter and one split into per-module pieces: their
             # backward is one index_add and one cat, not a full-size gradient per module.
             ctx.mode = "rows"
             ctx.pieces = adapters.index_select(0, task_ids).split(self._slot_sizes, dim=-1)
         else:
-            token_tasks = task_ids.index_select(0, segment_ids.reshape(-1).clamp_min(0))  # [T]
-            present, which = torch.unique(token_tasks, return_inverse=True)
-            rows = adapters.index_select(0, present)  # [K, P]: only the tasks in the batch
-            if len(present) == 1:
+            if groups is None:
+                groups = task_groups(task_ids, segment_ids)
+            groups = groups.to(adapters.device)
+            rows = adapters if groups.tasks is None else adapters.index_select(0, groups.tasks)  # [K, P]
+            if segment_ids is None:
+                ctx.mode, ctx.local = "rows", groups.local
+                ctx.pieces = rows.split(self._slot_sizes, dim=-1)
+            elif len(groups) == 1:
                 ctx.pieces = rows[0].split(self._slot_sizes, dim=-1)
             else:
                 ctx.mode = "tokens"
-                ctx.order = torch.argsort(which, stable=True)
-                ctx.inverse = torch.empty_like(ctx.order)
-                ctx.inverse[ctx.order] = torch.arange(len(ctx.order), device=ctx.order.device)
-                ctx.counts = torch.bincount(which, minlength=len(present)).tolist()
+                ctx.order, ctx.inverse, ctx.counts = groups.order, groups.inverse, groups.counts
                 ctx.pieces = rows.split(self._slot_sizes, dim=-1)
         try:
             yield
@@ -321,6 +339,7 @@ class MultiTaskLM(nn.Module):
         task_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        groups: TaskGroups | None = None,
     ) -> torch.Tensor:
         """Logits ``[N, L, V]`` of the base model with each row's (or token's) adapter applied.
 
@@ -328,6 +347,7 @@ class MultiTaskLM(nn.Module):
         adapters, ``task_ids [N]``. Packed batches (`bora_pyro.data.batches.collate_packed`)
         give ``position_ids`` and ``segment_ids`` (``[R, L]``) and ``task_ids [B]`` per document;
         ``attention_mask`` is then ignored: attention stays within each segment, causal.
+        ``groups``: the batch's `TaskGroups` (see `adapters_applied`).
         """
         if (position_ids is None) != (segment_ids is None):
             raise ValueError(
@@ -336,7 +356,11 @@ class MultiTaskLM(nn.Module):
             )
         if segment_ids is not None:
             attention_mask = self._packed_mask(segment_ids)
-        with self.adapters_applied(adapters, task_ids, segment_ids=segment_ids):
+        return self._logits(input_ids, attention_mask, position_ids, adapters, task_ids, segment_ids, groups)
+
+    def _logits(self, input_ids, attention_mask, position_ids, adapters, task_ids, segment_ids, groups):
+        """The base model's logits under `adapters_applied` (arguments as in `forward`, unchecked)."""
+        with self.adapters_applied(adapters, task_ids, segment_ids=segment_ids, groups=groups):
             out = self.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )
@@ -373,6 +397,7 @@ class MultiTaskLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         num_docs: int | None = None,
+        groups: TaskGroups | None = None,
     ) -> torch.Tensor:
         """Negative log-likelihood of each row (padded) or document (packed), summed over its
         scored tokens: ``[N]`` or ``[B]``, fp32.
@@ -382,38 +407,63 @@ class MultiTaskLM(nn.Module):
         ``nll[n] = -sum_{t: labels[n,t] != IGNORE_INDEX} log p(labels[n, t] | input_ids[n, :t])``.
         Packed (``segment_ids`` given): ``nll[b]`` sums the scored tokens of document ``b``, which
         sees only its own tokens (see `forward`); ``B`` is ``len(task_ids)``, else ``num_docs``,
-        else ``segment_ids.max() + 1``.
+        else ``segment_ids.max() + 1``. ``groups``: the batch's `TaskGroups` (see `adapters_applied`).
         """
         logits = self.forward(
             input_ids, attention_mask, adapters=adapters, task_ids=task_ids,
-            position_ids=position_ids, segment_ids=segment_ids,
+            position_ids=position_ids, segment_ids=segment_ids, groups=groups,
         )
-        # Shift the labels, not the logits: slicing logits[:, :-1] would copy the whole [N, L, V]
-        # tensor (and its gradient) to make it contiguous; the last position scores nothing.
-        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="none",
-        )
-        if segment_ids is None:
-            return nll.view(target.shape).sum(-1)
-        # Position t scores labels[t + 1], which is IGNORE_INDEX unless t + 1 is in t's document
-        # (each document's first label is IGNORE_INDEX): summing by t's segment is exact.
-        if num_docs is None:
-            num_docs = len(task_ids) if task_ids is not None else int(segment_ids.max()) + 1
-        per_doc = nll.new_zeros(num_docs + 1).index_add_(0, segment_ids.reshape(-1) + 1, nll)
-        return per_doc[1:]
+        return _token_nll(logits, labels, task_ids, segment_ids, num_docs)
 
     def batch_nll(self, batch, adapters: torch.Tensor | None = None) -> torch.Tensor:
         """``[B]`` NLL of each document of a `bora_pyro.data.Batch` (padded or packed), summed
         over its scored tokens, with ``adapters`` ``None``, ``[P]`` or ``[D, P]`` (each document
-        its task's)."""
+        its task's), using the batch's host-computed `TaskGroups` when it has them. When
+        ``batch.task_ids`` *is* ``batch.groups.local`` (a sparse step's batch, whose task ids
+        were replaced by the position of each task among the batch's K), ``adapters`` are the
+        ``[K, P]`` rows of those tasks, in the order of ``batch.groups.tasks``.
+
+        A padded batch is right-padded (`bora_pyro.data.batches.collate`): with an attention of
+        the forms of `PACKED_ATTENTION` it runs with a 4D mask built here (causal, real tokens
+        seeing only real tokens, padding only padding) and positions ``0 .. L - 1``, which is what
+        Hugging Face builds from the 2D mask for every real token, without its check of whether
+        the mask has padding (a read of the mask from the device).
+        """
         per_task = adapters is not None and adapters.dim() == 2
-        return self.sequence_nll(
-            batch.input_ids, batch.attention_mask, batch.labels, adapters=adapters,
-            task_ids=batch.task_ids if per_task else None, position_ids=batch.position_ids,
-            segment_ids=batch.segment_ids, num_docs=len(batch),
-        )
+        groups = getattr(batch, "groups", None) if per_task else None
+        if groups is not None and batch.task_ids is groups.local:
+            groups = groups.as_rows()
+        task_ids = batch.task_ids if per_task else None
+        impl = getattr(self.base_model.config, "_attn_implementation", None) or "eager"
+        if batch.segment_ids is not None or impl not in PACKED_ATTENTION:
+            return self.sequence_nll(
+                batch.input_ids, batch.attention_mask, batch.labels, adapters=adapters, task_ids=task_ids,
+                position_ids=batch.position_ids, segment_ids=batch.segment_ids, num_docs=len(batch), groups=groups,
+            )
+        rows, width = batch.input_ids.shape
+        mask = self._packed_mask(batch.attention_mask.long() - 1)   # segment 0: real tokens, -1: padding
+        positions = torch.arange(width, device=batch.input_ids.device).expand(rows, width)
+        logits = self._logits(batch.input_ids, mask, positions, adapters, task_ids, None, groups)
+        return _token_nll(logits, batch.labels, task_ids, None, len(batch))
+
+
+def _token_nll(logits, labels, task_ids, segment_ids, num_docs) -> torch.Tensor:
+    """`MultiTaskLM.sequence_nll` from the logits."""
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the whole [N, L, V]
+    # tensor (and its gradient) to make it contiguous; the last position scores nothing.
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    )
+    if segment_ids is None:
+        return nll.view(target.shape).sum(-1)
+    # Position t scores labels[t + 1], which is IGNORE_INDEX unless t + 1 is in t's document
+    # (each document's first label is IGNORE_INDEX): summing by t's segment is exact.
+    if num_docs is None:
+        num_docs = len(task_ids) if task_ids is not None else int(segment_ids.max()) + 1
+    per_doc = nll.new_zeros(num_docs + 1).index_add_(0, segment_ids.reshape(-1) + 1, nll)
+    return per_doc[1:]
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:
