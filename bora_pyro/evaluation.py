@@ -108,7 +108,8 @@ def iterate_split(
         A `TaskSplit` with at least one document.
     adapters
         ``[D, P]`` task adapters (row n uses its task's), one ``[P]`` adapter for every row, or
-        ``None`` (the base model).
+        ``None`` (the base model). A ``[D, P]`` table stays on its device (e.g. the CPU): each
+        batch gathers the rows of its K distinct tasks there and moves only those.
     output
         ``"nll"``: ``[B]`` NLL of each row summed over its scored tokens (`MultiTaskLM.sequence_nll`);
         ``"logits"``: ``[B, L, V]`` logits.
@@ -143,23 +144,29 @@ def iterate_split(
         shape = None if adapters is None else tuple(adapters.shape)
         raise ValueError(f"row_gradients=True needs [D, P] task adapters, got adapters of shape {shape}.")
     if adapters is not None:
-        adapters = adapters.detach().to(device, torch.float32)
+        # [D, P] tables stay where they are: each batch moves only the rows of its own tasks
+        adapters = adapters.detach().float() if per_task else adapters.detach().to(device, torch.float32)
     total = math.ceil(len(split) / batch_size)
     batches = split.batches(batch_size, shuffle=False, sort_by_length=True)
     label = desc or f"{output} {split.name}"
-    for batch in tqdm(batches, total=total, disable=not progress, desc=label, leave=False):
-        batch = batch.to(device)
-        theta, task_ids, rows = adapters, (batch.task_ids if per_task else None), None
+    for host in tqdm(batches, total=total, disable=not progress, desc=label, leave=False):
+        batch = host.to(device)
+        theta, task_ids, groups, rows = adapters, None, None, None
+        if per_task:
+            # the K distinct tasks' rows, gathered where the table lives ([K, P] moved, not [D, P])
+            theta = adapters.index_select(0, host.groups.tasks.to(adapters.device)).to(device)
+            task_ids, groups = batch.groups.local, batch.groups.as_rows()
         if row_gradients:
-            rows = adapters.index_select(0, batch.task_ids).requires_grad_(True)  # [B, P]
-            theta, task_ids = rows, torch.arange(len(batch), device=device)
+            rows = theta.index_select(0, batch.groups.local).requires_grad_(True)  # [B, P]
+            theta, task_ids, groups = rows, torch.arange(len(batch), device=device), None
         with torch.set_grad_enabled(row_gradients), runtime.autocast(device, autocast_dtype):
             if output == "nll":
                 out = lm.sequence_nll(
-                    batch.input_ids, batch.attention_mask, batch.labels, adapters=theta, task_ids=task_ids
+                    batch.input_ids, batch.attention_mask, batch.labels, adapters=theta, task_ids=task_ids,
+                    groups=groups,
                 )
             else:
-                out = lm(batch.input_ids, batch.attention_mask, adapters=theta, task_ids=task_ids)
+                out = lm(batch.input_ids, batch.attention_mask, adapters=theta, task_ids=task_ids, groups=groups)
         yield ScoredBatch(batch, out, rows)
 
 
