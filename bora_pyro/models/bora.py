@@ -243,7 +243,10 @@ class BoraModel(nn.Module):
         D, P = self.num_tasks, self.num_params
         if tasks is not None and self.mode != "pooled":
             adapters = self._present_tasks(tasks, tau)
-            batch = replace(batch, task_ids=tasks.local)
+            # the adapters are now the [K, P] rows of the present tasks, in first-appearance
+            # order, as are the batch's host-computed groups (when it has them)
+            groups = getattr(batch, "groups", None)
+            batch = replace(batch, task_ids=tasks.local, **({} if groups is None else {"groups": groups.as_rows()}))
         elif self.mode == "independent":
             with pyro.plate("tasks", D, dim=-1):
                 adapters = pyro.sample(
