@@ -11,7 +11,7 @@ the fit's wall time::
 
     PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-init 1e3 --seed 0      # the evidence (default)
     PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-method validation
-    PYTHONPATH=. python benchmarks/learned_tau_trace.py --max-steps 400 --patience 3   # to early stopping
+    PYTHONPATH=. python benchmarks/learned_tau_trace.py --max-steps 100   # about the earlier cpu configuration (100 steps)
 
 ``--tiny`` runs the same on a tiny random LM and a synthetic corpus instead (seconds; for tests).
 ``--json`` prints the whole trace as one JSON line at the end.
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tau-curvature", default="fisher", choices=("fisher", "empirical"))
     parser.add_argument("--tau-curvature-batches", type=int, default=None, help="default: the 15%% budget")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=None, help="default: the cpu config's 100")
+    parser.add_argument("--max-steps", type=int, default=None, help="default: the cpu config's (600, with early stopping)")
     parser.add_argument("--patience", type=int, default=None, help="evaluations without improvement before stopping")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="a tiny random LM on synthetic data (for tests)")
