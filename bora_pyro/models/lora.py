@@ -418,10 +418,9 @@ class MultiTaskLM(nn.Module):
     def batch_nll(self, batch, adapters: torch.Tensor | None = None) -> torch.Tensor:
         """``[B]`` NLL of each document of a `bora_pyro.data.Batch` (padded or packed), summed
         over its scored tokens, with ``adapters`` ``None``, ``[P]`` or ``[D, P]`` (each document
-        its task's), using the batch's host-computed `TaskGroups` when it has them. When
-        ``batch.task_ids`` *is* ``batch.groups.local`` (a sparse step's batch, whose task ids
-        were replaced by the position of each task among the batch's K), ``adapters`` are the
-        ``[K, P]`` rows of those tasks, in the order of ``batch.groups.tasks``.
+        its task's), using the batch's host-computed `TaskGroups` when it has them. A sparse
+        step's batch carries them as rows (``groups.tasks=None``, `TaskGroups.as_rows`, set by
+        `BoraModel`), with ``adapters`` the ``[K, P]`` rows of its tasks.
 
         A padded batch is right-padded (`bora_pyro.data.batches.collate`): with an attention of
         the forms of `PACKED_ATTENTION` it runs with a 4D mask built here (causal, real tokens
@@ -431,8 +430,6 @@ class MultiTaskLM(nn.Module):
         """
         per_task = adapters is not None and adapters.dim() == 2
         groups = getattr(batch, "groups", None) if per_task else None
-        if groups is not None and batch.task_ids is groups.local:
-            groups = groups.as_rows()
         task_ids = batch.task_ids if per_task else None
         impl = getattr(self.base_model.config, "_attn_implementation", None) or "eager"
         if batch.segment_ids is not None or impl not in PACKED_ATTENTION:
