@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import checks
 from .checks import non_negative_int
 from .config import BoraConfig
 from .evaluation import (
@@ -27,7 +28,10 @@ from .evaluation import (
 )
 from .files import dumps_json, find_folder, replace_folder, restore_floats
 
-__all__ = ["BoraResult", "load_result"]
+__all__ = ["BoraResult", "load_result", "AS_FITTED"]
+
+#: `load_result`'s ``quantize`` default: load the base model quantised as the fit did.
+AS_FITTED = "as_fitted"
 
 _FORMAT = "bora_pyro.result"
 _FORMAT_VERSION = 1
@@ -352,6 +356,7 @@ def load_result(
     tokenizer: Any = None,
     data: Any = None,
     device: str | torch.device = "auto",
+    quantize: str | None = AS_FITTED,
 ) -> BoraResult:
     """Load a result written by `BoraResult.save`.
 
@@ -372,6 +377,13 @@ def load_result(
         A `TaskCorpus` to attach when the result was saved without its corpus.
     device
         Where to put the model.
+    quantize
+        How to load the base model: `AS_FITTED` (default) quantises it as the fit did (its
+        ``fit_args["quantize"]``, ``"4bit"`` or ``"8bit"`` by bitsandbytes, or not at all), so
+        that evaluation and generation compute the model whose adapters were fitted; ``None``
+        loads it unquantised (e.g. on a machine without bitsandbytes; the adapters were fitted
+        against the quantised weights, so perplexities differ somewhat); ``"4bit"`` or
+        ``"8bit"`` choose. Ignored when ``model`` is an object.
 
     Raises
     ------
@@ -381,7 +393,7 @@ def load_result(
         When a file is damaged or disagrees with ``config.json`` (the message names both).
     """
     from .data import TaskCorpus
-    from .models.base import load_base_model
+    from .models.base import QUANTIZE_CHOICES, load_base_model
     from .models.lora import MultiTaskLM
 
     path = find_folder(path)
@@ -414,7 +426,13 @@ def load_result(
             f"The result in {path} was fitted on a model object, not a name or path; pass it "
             "again: load_result(path, model=my_model, tokenizer=my_tokenizer)."
         )
-    base, tok, spec_loaded = load_base_model(spec if model is None else model, tokenizer, device=device)
+    fit_args = restore_floats(meta["fit_args"])
+    if quantize == AS_FITTED:
+        quantize = fit_args.get("quantize")
+    elif quantize is not None:
+        checks.choice("quantize", quantize, (AS_FITTED, *QUANTIZE_CHOICES))
+    base, tok, spec_loaded = load_base_model(spec if model is None else model, tokenizer, device=device,
+                                             quantize=None if _is_model_object(model) else quantize)
     lm = MultiTaskLM(base, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules)
     if lm.layout != saved_layout:
         raise ValueError(
@@ -433,9 +451,14 @@ def load_result(
         corpus=corpus,
         model_spec=spec_loaded,
         method=meta["method"],
-        fit_args=restore_floats(meta["fit_args"]),
+        fit_args=fit_args,
         task_scales=tensors.get("task_scales"),
     )
+
+
+def _is_model_object(model: Any) -> bool:
+    """Whether ``model`` is a loaded model rather than a name or path."""
+    return model is not None and not isinstance(model, (str, os.PathLike))
 
 
 #: The fields of config.json and the JSON types they must have.

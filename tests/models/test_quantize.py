@@ -49,3 +49,23 @@ def test_quantised_base_gives_finite_perplexities_within_5_percent_of_fp32(model
 def test_quantize_is_refused_for_a_gguf_model():
     with pytest.raises(ValueError, match="quantize / device_map load a model directory"):
         bora_pyro.models.base.load_base_model("smollm2-135m", quantize="4bit")
+
+
+def test_a_saved_quantised_fit_loads_quantised_as_fitted(model_dir, tmp_path):
+    """load_result rebuilds the base as the fit did (4-bit here), so the loaded result scores the
+    documents exactly as the fitted one; quantize=None loads the full-precision base on request."""
+    fitted = _fit(model_dir, quantize="4bit")
+    path = fitted.save(tmp_path / "run")
+    loaded = bora_pyro.load_result(path, device="cpu")
+    assert _wrapped_layers(loaded) == {"Linear4bit"}
+    expected = fitted.evaluate("test").set_index("task")["perplexity"]
+    got = loaded.evaluate("test").set_index("task")["perplexity"]
+    torch.testing.assert_close(torch.tensor(got.values), torch.tensor(expected.values), rtol=1e-6, atol=0)
+    full = bora_pyro.load_result(path, device="cpu", quantize=None)
+    assert _wrapped_layers(full) == {"Linear"}
+    with pytest.raises(ValueError, match="quantize"):
+        bora_pyro.load_result(path, device="cpu", quantize="3bit")
+
+
+def _wrapped_layers(result) -> set[str]:
+    return {type(m.base).__name__ for m in result.lm.modules() if hasattr(m, "base") and hasattr(m.base, "weight")}
