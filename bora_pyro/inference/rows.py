@@ -48,14 +48,18 @@ step has gathered (a slot grows when a step gathers more). A step then runs as f
 So the host waits for the device once per step, at the next `gather` (a row updated at step t
 and gathered at step t+1 sees its new value), instead of at each of the four blocking
 device -> pageable copies of the unstaged path; what overlaps with the device's step is the
-host's work between two steps (the tau bookkeeping, collating and moving the next batch).
-Two slots mean that a slot is never written while a copy from or into it may still be queued
-(each slot's event is waited on before the host touches it again). The results are bit-identical
-to the unstaged path (the same rows, the same arithmetic; tests/inference/test_rows.py). None of
-this has been timed on a GPU in this project (no GPU was at hand): the overlap is by
-construction, not measured. ``staging=True`` forces the staged path with CPU compute (the
-events are then absent and the copies plain), which is how the CPU tests exercise the slots,
-their growth and the deferred write-back.
+host's work between two steps (the loop's bookkeeping, collating and moving the next batch;
+with a learned tau `run_steps` flushes before the tau update, so the wait comes earlier). The
+host-side ``index_select`` into a slot and ``index_copy_`` out of it stay synchronous. Each
+slot's event is waited on before the host writes into the slot again; with two slots that is
+the event of the step before last, normally long done, so a gather never overwrites rows whose
+copy to the device may still be queued (also when a step was abandoned after its gather). The
+results are bit-identical to the unstaged path (the same rows, the same arithmetic;
+tests/inference/test_rows.py). None of this has been timed on a GPU in this project (no GPU
+was at hand): the overlap is by construction, not measured. ``staging=True`` forces the staged
+path with CPU compute (no events, and the slots are then the gathered rows themselves), which
+is how the CPU tests exercise the slots, their growth and the deferred write-back; the
+``cuda``-marked test compares the pinned path with device storage.
 """
 
 from __future__ import annotations
