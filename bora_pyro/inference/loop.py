@@ -476,6 +476,8 @@ def run_steps(
         started = time.perf_counter()
         loss = stepper.step(batch)
         head = _step_values(stepper, batch, loss)
+        if stepper.sparse and stepper.learn:  # the tau update reads the tables: apply LazyAdamW's write-back
+            stepper.optimizer.flush()
         failed = None
         try:
             stepper.after_step(step)  # e.g. the tau update's Monte-Carlo Fisher
@@ -495,6 +497,8 @@ def run_steps(
         due = checkpointing is not None and checkpointing.due(step, steps, stopped_early)
         if not (validating or due or step == start or step == steps - 1 or (step + 1 - start) % READ_EVERY == 0):
             continue
+        if stepper.sparse:  # validation, snapshots and checkpoints read the tables
+            stepper.optimizer.flush()
         done = read()
         val, val_per_task = math.nan, {}
         record(done, val_per_task if validating else None)
