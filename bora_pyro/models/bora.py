@@ -218,7 +218,7 @@ class BoraModel(nn.Module):
     def precision_prior(self) -> dist.Distribution:
         """The Gamma hyperprior over the ``[G]`` learned precisions."""
         a, b = self.tau_prior_params
-        if float(b) == 0.0:  # Gamma(a, 0) is improper: a flat-ish log-prior a-1 log tau.
+        if self.config.tau_prior[1] == 0.0:  # Gamma(a, 0) is improper: a flat-ish log-prior a-1 log tau.
             return dist.ImproperUniform(constraints.positive, (), (self.num_groups,))
         return dist.Gamma(a, b).expand([self.num_groups]).to_event(1)
 

@@ -52,6 +52,28 @@ def test_ten_thousand_tasks_from_fit_map(corpus, storage):
     assert torch.isfinite(theta).all()
 
 
+def test_ten_thousand_tasks_with_a_learned_tau_from_fit_svi(corpus, monkeypatch):
+    """SVI with a learned tau, variational EM at every step: each step's M-step reads the lazy
+    averages' running sums, never the 10,000 rows (`variational_em_tau` is not called), and
+    writes the averages of its own tasks only (at most 8 per step)."""
+    from bora_pyro.inference import svi
+
+    monkeypatch.setattr(svi, "variational_em_tau", lambda *a, **k: pytest.fail("the M-step read all D rows"))
+    written, advance = [], svi.LazyMovingAverage.advance
+
+    def counted(self, moved, loc, log_scale):
+        written.append(0 if moved is None else len(moved[0]))
+        return advance(self, moved, loc, log_scale)
+
+    monkeypatch.setattr(svi.LazyMovingAverage, "advance", counted)
+    settings = {**SETTINGS, "tau": "learn", "tau_init": 100.0, "tau_warmup": 0, "init_scale": 1e-3}
+    result = bora_pyro.fit_svi(corpus, model=_tiny(), tokenizer=char_tokenizer(), adapter_storage="host", **settings)
+    assert result.task_adapters.shape[0] == TASKS and torch.isfinite(result.task_adapters).all()
+    taus = [t for tau in result.history["tau"] for t in tau]
+    assert len(written) == 2 and all(0 < k <= 8 for k in written), written  # after the first step, which starts them
+    assert all(np.isfinite(taus)) and all(t != 100.0 for t in taus), taus
+
+
 def test_ten_thousand_tasks_from_the_command_line(tmp_path, capsys):
     folder = tmp_path / "tiny"
     _tiny().save_pretrained(folder)

@@ -32,6 +32,8 @@ def test_laplace_scales_formula_and_limits():
     # precision (group 0: positive precisions 3, 1, 4, median 3 -> floor 0.03; group 1: 8 -> 0.08)
     assert_close(laplace_scales(h, tau, group, mode="independent"),
                  [[3 ** -0.5, 0.03 ** -0.5, 8 ** -0.5], [1.0, 0.5, 0.08 ** -0.5]], rtol=1e-6, atol=0)
+    for mode in ("pooled", "independent"):  # the model's number of groups instead of a read of group_index.max()
+        assert torch.equal(laplace_scales(h, tau, group, mode=mode, num_groups=2), laplace_scales(h, tau, group, mode=mode))
 
 
 def test_init_scale_setting():
