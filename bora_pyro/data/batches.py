@@ -253,22 +253,11 @@ def collate(
         :data:`IGNORE_INDEX` elsewhere.
     """
     starts, index = _document_arrays(documents, label_starts, task_ids, doc_index)
-    width = max(len(doc) for doc in documents)
-    rows = len(documents)
-    input_ids = np.full((rows, width), pad_token_id, dtype=np.int64)
-    labels = np.full((rows, width), IGNORE_INDEX, dtype=np.int64)
-    attention_mask = np.zeros((rows, width), dtype=np.int64)
-    for row, (doc, start) in enumerate(zip(documents, starts, strict=True)):
-        length = len(doc)
-        input_ids[row, :length] = doc
-        attention_mask[row, :length] = 1
-        labels[row, start:length] = doc[start:]
-        if scored is not None:
-            labels[row, :length][~scored[row]] = IGNORE_INDEX
+    arrays = _fill_rows(documents, starts, [[b] for b in range(len(documents))], pad_token_id, scored)
     return Batch(
-        input_ids=torch.from_numpy(input_ids),
-        attention_mask=torch.from_numpy(attention_mask),
-        labels=torch.from_numpy(labels),
+        input_ids=torch.from_numpy(arrays["input_ids"]),
+        attention_mask=torch.from_numpy(arrays["attention_mask"]),
+        labels=torch.from_numpy(arrays["labels"]),
         task_ids=task_ids,
         doc_index=index,
         groups=task_groups(task_ids),
@@ -340,34 +329,41 @@ def collate_packed(
         row's length.
     """
     starts, index = _document_arrays(documents, label_starts, task_ids, doc_index)
+    rows = pack_rows([len(doc) for doc in documents], row_tokens)
+    arrays = {k: torch.from_numpy(v) for k, v in _fill_rows(documents, starts, rows, pad_token_id, scored).items()}
+    return Batch(
+        **arrays,
+        task_ids=task_ids,
+        doc_index=index,
+        groups=task_groups(task_ids, arrays["segment_ids"]),
+    )
+
+
+def _fill_rows(documents, starts, rows: list[list[int]], pad_token_id: int, scored) -> dict[str, np.ndarray]:
+    """The ``[R, L]`` arrays of documents laid end to end in ``rows`` (each a list of document
+    indices), ``L`` the fullest row's length: ``input_ids`` (``pad_token_id`` after the row's
+    documents), ``labels`` (each document's tokens from ``starts[b]`` on where ``scored``
+    allows, `IGNORE_INDEX` elsewhere), ``attention_mask``, ``position_ids`` (restarting at 0
+    for each document) and ``segment_ids`` (the document's index ``b``, -1 on padding)."""
     lengths = [len(doc) for doc in documents]
-    rows = pack_rows(lengths, row_tokens)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    shape = (len(rows), width)
-    input_ids = np.full(shape, pad_token_id, dtype=np.int64)
-    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
-    attention_mask = np.zeros(shape, dtype=np.int64)
-    position_ids = np.zeros(shape, dtype=np.int64)
-    segment_ids = np.full(shape, -1, dtype=np.int64)
+    shape = (len(rows), max(sum(lengths[b] for b in row) for row in rows))
+    out = {
+        "input_ids": np.full(shape, pad_token_id, dtype=np.int64),
+        "labels": np.full(shape, IGNORE_INDEX, dtype=np.int64),
+        "attention_mask": np.zeros(shape, dtype=np.int64),
+        "position_ids": np.zeros(shape, dtype=np.int64),
+        "segment_ids": np.full(shape, -1, dtype=np.int64),
+    }
     for r, row in enumerate(rows):
         at = 0
         for b in row:
             doc, n, start = documents[b], lengths[b], starts[b]
-            input_ids[r, at : at + n] = doc
-            labels[r, at + start : at + n] = doc[start:]
+            out["input_ids"][r, at : at + n] = doc
+            out["labels"][r, at + start : at + n] = doc[start:]
             if scored is not None:
-                labels[r, at : at + n][~scored[b]] = IGNORE_INDEX
-            attention_mask[r, at : at + n] = 1
-            position_ids[r, at : at + n] = np.arange(n)
-            segment_ids[r, at : at + n] = b
+                out["labels"][r, at : at + n][~scored[b]] = IGNORE_INDEX
+            out["attention_mask"][r, at : at + n] = 1
+            out["position_ids"][r, at : at + n] = np.arange(n)
+            out["segment_ids"][r, at : at + n] = b
             at += n
-    return Batch(
-        input_ids=torch.from_numpy(input_ids),
-        attention_mask=torch.from_numpy(attention_mask),
-        labels=torch.from_numpy(labels),
-        task_ids=task_ids,
-        doc_index=index,
-        position_ids=torch.from_numpy(position_ids),
-        segment_ids=torch.from_numpy(segment_ids),
-        groups=task_groups(task_ids, segment_ids),
-    )
+    return out
