@@ -247,7 +247,8 @@ class MonteCarloFisher:
         Decay per update, in ``(0, 1]``; ``1`` keeps a plain cumulative average (fixed adapters),
         ``0.9`` averages over about the last 10 updates (adapters that move).
     device
-        Where the ``[D, P]`` accumulators live.
+        Where the ``[D, P]`` accumulators live (`add` moves each minibatch's gradients there):
+        with the adapter tables, e.g. host memory with ``adapter_storage="host"``.
     """
 
     def __init__(self, docs_per_task, num_params: int, *, beta: float = 0.9, device=None):
@@ -276,10 +277,18 @@ class MonteCarloFisher:
 
     @torch.no_grad()
     def add(self, squared_gradients: torch.Tensor, task_ids: torch.Tensor) -> None:
-        """Add ``[B, P]`` squared per-document gradients of documents of tasks ``task_ids [B]``."""
-        self.sq.mul_(self.beta).index_add_(0, task_ids, squared_gradients.to(self.sq.dtype))
-        ones = torch.ones(task_ids.shape, dtype=self.seen.dtype, device=self.seen.device)
-        self.seen.mul_(self.beta).index_add_(0, task_ids, ones)
+        """Add ``[B, P]`` squared per-document gradients of documents of tasks ``task_ids [B]``.
+
+        Both are moved to the accumulators' device first (a ``[B, P]`` copy when they live in
+        host memory and the gradients on an accelerator). With ``beta = 1`` only the ``B`` rows
+        are touched: the decay of all ``D`` rows is skipped (multiplying by 1 changes nothing).
+        """
+        task_ids = task_ids.to(self.sq.device)
+        if self.beta != 1.0:
+            self.sq.mul_(self.beta)
+            self.seen.mul_(self.beta)
+        self.sq.index_add_(0, task_ids, squared_gradients.to(self.sq.device, self.sq.dtype))
+        self.seen.index_add_(0, task_ids, torch.ones(task_ids.shape, dtype=self.seen.dtype, device=self.seen.device))
         self.count += 1
 
     @torch.no_grad()

@@ -295,6 +295,11 @@ class Stepper:
     def after_step(self, step: int) -> None:
         """Hook after each step (e.g. to update a learned tau)."""
 
+    def reads_tables(self, step: int) -> bool:
+        """Whether `after_step` of ``step`` reads a sparse guide's tables, so that `run_steps`
+        applies `LazyAdamW`'s queued write-back first: by default with a learned tau."""
+        return self.learn
+
     def point(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``([D, P], [P])``: the task adapters and global adapter to evaluate (MAP / means)."""
         raise NotImplementedError
@@ -476,7 +481,7 @@ def run_steps(
         started = time.perf_counter()
         loss = stepper.step(batch)
         head = _step_values(stepper, batch, loss)
-        if stepper.sparse and stepper.learn:  # the tau update reads the tables: apply LazyAdamW's write-back
+        if stepper.sparse and stepper.reads_tables(step):  # apply LazyAdamW's write-back first
             stepper.optimizer.flush()
         failed = None
         try:

@@ -3,6 +3,7 @@ and AdamW, with a learned precision set by the evidence fixed point (`precision`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import pyro
@@ -223,12 +224,15 @@ class MAPStepper(Stepper):
         if batches is None:
             batches = max(1, int(CURVATURE_BUDGET * self.steps / max(1, updates)))
         self.curvature_batches = min(batches, self.tau_update_every)
+        #: Where the ``[D, P]`` curvature accumulators live and the evidence update runs: with the
+        #: tables (host memory with ``adapter_storage="host"``), so that device bytes do not grow with D.
+        self.table_device = self.storage if self.storage is not None else self.device
         if not self.learn or by_validation:
             pass
         elif self.curvature_kind == "empirical":
             self.fisher = FisherEstimate(
                 (model.num_tasks, model.num_params), batch_fraction=train.batch_size / model.num_docs,
-                device=self.device,
+                device=self.table_device,
             )
         else:
             if fisher_sampler is None:
@@ -238,7 +242,7 @@ class MAPStepper(Stepper):
                     "docs_per_task)); pass one, or tau_curvature='empirical'."
                 )
             self.mc_fisher = MonteCarloFisher(
-                fisher_sampler.docs_per_task, model.num_params, beta=1.0, device=self.device
+                fisher_sampler.docs_per_task, model.num_params, beta=1.0, device=self.table_device
             )
             self.generator = torch.Generator(self.device).manual_seed(train.seed)
         #: One record per evidence update (see the class docstring).
@@ -263,17 +267,22 @@ class MAPStepper(Stepper):
     def after_backward(self) -> None:
         if self.fisher is None or self._task_param is None:
             return
-        if self.sparse:  # the gathered rows' gradient, zero for the absent tasks (O(D P))
+        if self.sparse:  # the gathered rows' gradient, zero for the absent tasks (O(D P), with the tables)
             leaf = self.guide.gathered.get(self.guide.task_name)
             if leaf is not None and leaf.grad is not None:
-                grad = torch.zeros(self._task_param.shape, device=self.device)
-                self.fisher.update(grad.index_copy_(0, self.task_subsample(self._batch).index, leaf.grad))
+                grad = torch.zeros(self._task_param.shape, device=self.table_device)
+                index = self.task_subsample(self._batch).host_index.to(self.table_device)
+                self.fisher.update(grad.index_copy_(0, index, leaf.grad.to(self.table_device)))
         elif self._task_param.grad is not None:
             self.fisher.update(self._task_param.grad)
 
     def _is_update(self, done: int) -> bool:
         """Whether an evidence update runs after ``done`` completed steps."""
         return done > self.tau_warmup and (done - self.tau_warmup) % self.tau_update_every == 0
+
+    def reads_tables(self, step: int) -> bool:
+        """Only the tau updates read the tables (`point`); the curvature passes read the step's rows."""
+        return self.learn and self._is_update(step + 1)
 
     def after_step(self, step: int) -> None:
         if not self.learn:
@@ -286,24 +295,45 @@ class MAPStepper(Stepper):
         if self.mc_fisher is not None and any(
             self._is_update(done + k) for k in range(self.curvature_batches)
         ):
-            theta, _ = self.point()
+            adapters, batch = self._sampler_inputs(self._batch)
             with self.amp():
                 grad = self.fisher_sampler.sampled_gradients(
-                    theta, self._batch, distributed.rank_generator(self.generator))
+                    adapters, batch, distributed.rank_generator(self.generator))
             # data parallel: every rank adds the documents of every rank's slice
             self.mc_fisher.add(*distributed.gather_rows(grad.square(), self._batch.task_ids))
         if self._is_update(done):
-            theta, theta_g = self.point()
-            if self.mc_fisher is not None:
-                h = self.mc_fisher.curvature(fill_unseen=True)
-                self.mc_fisher.reset()
-            else:
-                h = self.fisher.curvature()
-            gamma, S = evidence_terms(theta, theta_g, h, self.tau, self.model.group_index)
-            self.tau = evidence_update(
-                theta, theta_g, h, self.tau, self.model.group_index, prior=self.model.config.tau_prior,
-            )
-            self.tau_updates.append({
+            self._evidence_update(step)
+
+    def _sampler_inputs(self, batch) -> tuple[torch.Tensor, object]:
+        """``(adapters, batch)`` for the Fisher sampler after this step's update: dense, the
+        ``[D, P]`` point and ``batch``; sparse, the ``[K, P]`` rows of the batch's K tasks as
+        this step left them (the gathered leaves, updated in place by `LazyAdamW`, on the
+        compute device: the tables are not read) and ``batch`` with its task ids replaced by
+        their positions among the K (``TaskSubsample.local``). The rows equal the table's rows
+        (the same float32 values), so both give the same gradients."""
+        if not self.sparse:
+            return self.point()[0], batch
+        rows = self.guide.gathered[self.guide.task_name].detach()
+        if self.guide.offsets:
+            rows = self.guide.global_adapter.detach() + rows
+        groups = getattr(batch, "groups", None)
+        extra = {} if groups is None else {"groups": groups.as_rows()}
+        return rows.float(), replace(batch, task_ids=self.task_subsample(batch).local, **extra)
+
+    def _evidence_update(self, step: int) -> None:
+        """One evidence fixed-point step of tau, computed where the tables live (`table_device`:
+        with host storage every ``[D, P]`` temporary is in host memory)."""
+        theta, theta_g = self.point()
+        if self.mc_fisher is not None:
+            h = self.mc_fisher.curvature(fill_unseen=True)
+            self.mc_fisher.reset()
+        else:
+            h = self.fisher.curvature()
+        at = theta.device
+        theta_g, h, tau, groups = theta_g.to(at), h.to(at), self.tau.to(at), self.model.group_index.to(at)
+        gamma, S = evidence_terms(theta, theta_g, h, tau, groups)
+        self.tau = evidence_update(theta, theta_g, h, tau, groups, prior=self.model.config.tau_prior).to(self.device)
+        self.tau_updates.append({
                 "step": step, "tau": self.tau.tolist(), "gamma": gamma.tolist(), "S": S.tolist(),
             })
 
