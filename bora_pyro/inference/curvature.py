@@ -252,11 +252,12 @@ class MonteCarloFisher:
     """
 
     def __init__(self, docs_per_task, num_params: int, *, beta: float = 0.9, device=None):
-        counts = torch.as_tensor(docs_per_task, dtype=torch.float32, device=device)
-        if counts.dim() != 1 or bool((counts < 0).any()):
+        counts = torch.as_tensor(docs_per_task, dtype=torch.float32)
+        if counts.dim() != 1 or bool((counts.cpu() < 0).any()):
             raise ValueError(
                 f"docs_per_task must be a 1-d sequence of non-negative document counts, got {docs_per_task!r}."
             )
+        counts = counts.to(device)
         if not 0.0 < float(beta) <= 1.0:
             raise ValueError(f"beta must be in (0, 1], got beta={beta!r}; e.g. 0.9, or 1.0 for a plain average.")
         self.docs_per_task = counts

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from bora_pyro.data import IGNORE_INDEX, build_corpus
 from bora_pyro.inference.curvature import (
@@ -118,6 +119,48 @@ def test_monte_carlo_fisher_bookkeeping_and_errors():
         MonteCarloFisher([1], 2, beta=0.0)
     with pytest.raises(ValueError, match="docs_per_task"):
         MonteCarloFisher([[1, 2]], 2)
+
+
+class _Calls(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_monte_carlo_fisher_without_decay_touches_only_the_batch_rows():
+    """beta = 1: no multiply over the D rows, and the sums equal plain cumulative sums exactly;
+    beta < 1 decays both accumulators once per update."""
+    grads = [torch.rand(4, 3, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    ids = [torch.tensor([0, 2, 2, 5]), torch.tensor([1, 1, 0, 3]), torch.tensor([5, 4, 0, 0])]
+    for beta, multiplies in [(1.0, 0), (0.5, 2)]:
+        mc = MonteCarloFisher([3] * 6, 3, beta=beta)
+        with _Calls() as calls:
+            mc.add(grads[0], ids[0])
+        assert calls.names.count("mul_") == multiplies, calls.names
+    mc = MonteCarloFisher([3] * 6, 3, beta=1.0)
+    sq, seen = torch.zeros(6, 3), torch.zeros(6)
+    for g, i in zip(grads, ids):
+        mc.add(g, i)
+        sq.index_add_(0, i, g)
+        seen.index_add_(0, i, torch.ones(4))
+    assert torch.equal(mc.sq, sq) and torch.equal(mc.seen, seen)
+
+
+def test_monte_carlo_fisher_accumulates_on_its_own_device():
+    """The accumulators stay where they were put (e.g. host memory beside host-stored adapter
+    tables) and `add` moves the minibatch's gradients and task ids there. Here they are on the
+    ``meta`` device (shapes only) and the gradients on the CPU: without the move, ``index_add_``
+    would refuse to mix devices."""
+    mc = MonteCarloFisher([3, 4, 5], 2, beta=1.0, device="meta")
+    mc.add(torch.ones(2, 2), torch.tensor([0, 2]))
+    assert mc.sq.device.type == mc.seen.device.type == "meta" and mc.count == 1
+    assert mc.curvature(fill_unseen=True).device.type == "meta"
 
 
 # ---- a tiny LM ------------------------------------------------------------------------------

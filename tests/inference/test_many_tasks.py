@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import bora_pyro
 from bora_pyro.data import build_corpus
@@ -72,6 +73,78 @@ def test_ten_thousand_tasks_with_a_learned_tau_from_fit_svi(corpus, monkeypatch)
     taus = [t for tau in result.history["tau"] for t in tau]
     assert len(written) == 2 and all(0 < k <= 8 for k in written), written  # after the first step, which starts them
     assert all(np.isfinite(taus)) and all(t != 100.0 for t in taus), taus
+
+
+class _TaskRows(TorchFunctionMode):
+    """Records every torch call whose result has ``rows`` rows (a ``[D, ...]`` tensor), except the
+    in-place updates of the tensors in ``allowed`` (they return themselves)."""
+
+    def __init__(self, rows, allowed):
+        super().__init__()
+        self.rows, self.allowed, self.calls = rows, {t.data_ptr() for t in allowed}, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == self.rows
+                and out.data_ptr() not in self.allowed):
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return out
+
+
+def test_ten_thousand_tasks_with_a_learned_tau_from_fit_map(corpus, monkeypatch):
+    """MAP with the evidence update of tau and the sampled Fisher, host storage: the curvature
+    passes run on the K rows of their step (the sampler never sees D rows) and create no
+    ``[D, ...]`` tensor besides their in-place sums into the accumulators, which live with the
+    tables; only the evidence updates read all D rows."""
+    from bora_pyro.inference import curvature
+    from bora_pyro.inference.map import MAPStepper
+
+    sampled, created, steppers = [], [], []
+    per_document, after_step = curvature.per_document_gradients, MAPStepper.after_step
+
+    def counted(logits_fn, task_adapters, batch, **kw):
+        sampled.append(task_adapters.shape[0])
+        return per_document(logits_fn, task_adapters, batch, **kw)
+
+    def watched(self, step):
+        steppers[:] = [self]
+        if self._is_update(step + 1):
+            return after_step(self, step)
+        with _TaskRows(TASKS, [self.mc_fisher.sq, self.mc_fisher.seen]) as mode:
+            after_step(self, step)
+        created.extend(mode.calls)
+
+    monkeypatch.setattr(curvature, "per_document_gradients", counted)
+    monkeypatch.setattr(MAPStepper, "after_step", watched)
+    settings = {**SETTINGS, "tau": "learn", "tau_init": 100.0, "max_steps": 6, "tau_warmup": 2,
+                "tau_update_every": 2, "tau_curvature_batches": 2}
+    result = bora_pyro.fit_map(corpus, model=_tiny(), tokenizer=char_tokenizer(), adapter_storage="host", **settings)
+    stepper = steppers[0]
+    assert stepper.sparse and stepper.storage.type == "cpu"
+    assert stepper.mc_fisher.sq.device == stepper.mc_fisher.seen.device == stepper.storage
+    assert [u["step"] for u in result.history["tau_update"]] == [3, 5]
+    assert len(sampled) == 4 and all(0 < k <= 8 for k in sampled), sampled  # after steps 2, 3, 4, 5
+    assert not created, created
+    taus = [t for u in result.history["tau_update"] for t in u["tau"]]
+    assert all(np.isfinite(taus)) and all(t != 100.0 for t in taus), taus
+
+
+def test_learned_tau_with_host_storage_matches_device_storage():
+    """Sparse learned-tau MAP on the tiny LM (sampled Fisher and empirical curvature): adapters
+    in host memory give the same tau updates and adapters, bit for bit, as adapters on the
+    compute device (here both the CPU: the same arithmetic on the same values)."""
+    corpus = build_corpus(synthetic_corpus_frame((8, 12, 16, 6, 9)), char_tokenizer(), max_length=24, seed=0)
+    for curvature in ["fisher", "empirical"]:
+        results = {}
+        for storage in ["host", "device"]:
+            results[storage] = bora_pyro.fit_map(
+                corpus, model=_tiny(), tokenizer=char_tokenizer(), rank=2, alpha=4.0, tau="learn", tau_init=100.0,
+                max_steps=30, batch_size=4, lr=1e-2, tau_warmup=5, tau_update_every=5, tau_curvature=curvature,
+                task_step="sparse", adapter_storage=storage, device="cpu", progress=False, patience=None)
+        host, device = results["host"], results["device"]
+        assert len(host.history["tau_update"]) == 5
+        assert host.history["tau_update"] == device.history["tau_update"], curvature
+        assert torch.equal(host.task_adapters, device.task_adapters)
 
 
 def test_ten_thousand_tasks_from_the_command_line(tmp_path, capsys):

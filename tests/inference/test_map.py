@@ -232,3 +232,49 @@ def test_learned_tau_with_sparse_steps_recovers_the_marginal_likelihood_maximise
     )
     tau_ml = math.exp(res.x)
     assert abs(state.tau.item() - tau_ml) / tau_ml < 0.3, (state.tau.item(), tau_ml)
+
+
+@pytest.mark.parametrize("parameterization", ["offset", "centered"])
+def test_sparse_curvature_passes_read_the_steps_rows_not_the_table(parameterization, monkeypatch):
+    """With sparse steps the Fisher sampler gets the K rows of the step's tasks (``[K, P]``, the
+    batch's task ids replaced by their positions among them), equal to the rows of the whole
+    table after the step's update, and `point` (the ``[D, P]`` table) is read only by the
+    evidence updates; the accumulators live with the tables."""
+    from bora_pyro.inference.map import MAPStepper
+
+    problem = GaussianProblem.make(docs_per_task=(5,) * 12, P=4, tau=3.0, seed=1)
+    sampler, seen, stepper = _gaussian_sampler(problem), [], []
+    in_curvature = [False]
+
+    def checked(rows, batch, generator):
+        theta = point(stepper[0])[0]  # the whole table, read here only to compare
+        global_ids = problem.task_ids[batch.doc_index]
+        assert rows.shape[0] == len(torch.unique(global_ids)) <= 6
+        assert torch.equal(rows[batch.task_ids], theta[global_ids])
+        seen.append(rows.shape[0])
+        return sampler.sampled_gradients(rows, batch, generator)
+
+    point, after_step = MAPStepper.point, MAPStepper.after_step
+
+    def guarded_point(self):
+        assert not in_curvature[0], "a curvature pass read the [D, P] table"
+        return point(self)
+
+    def tracked_after_step(self, step):
+        stepper[:] = [self]
+        in_curvature[0] = not self._is_update(step + 1)
+        try:
+            after_step(self, step)
+        finally:
+            in_curvature[0] = False
+
+    monkeypatch.setattr(MAPStepper, "point", guarded_point)
+    monkeypatch.setattr(MAPStepper, "after_step", tracked_after_step)
+    state = optimise_map(
+        _model(problem, "learn", tau_init=5.0), problem.batches(6),
+        _train(max_steps=40, lr=0.05, batch_size=6, tau_update_every=8, tau_warmup=8, tau_curvature_batches=3,
+               task_step="sparse", adapter_storage="host", parameterization=parameterization),
+        init_global=torch.zeros(4), fisher_sampler=FisherSampler(checked, sampler.docs_per_task),
+    )
+    assert len(seen) == 3 * 4 and len(state.history["tau_update"]) == 4
+    assert stepper[0].mc_fisher.sq.device == stepper[0].storage
