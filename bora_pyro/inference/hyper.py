@@ -33,6 +33,16 @@ batches take the pooled average). log tau then takes one Adam step (`LogTauAdam`
 gradient's scale changes by orders of magnitude along a run, its sign and relative size are what
 matter.
 
+Which rows it needs. ``V`` is the NLL of the validation minibatch, which does not depend on the
+adapter of a task without a document in it: ``dV/dtheta_d = 0`` for those tasks, so the sum over
+``d`` in ``dV / d log tau_g`` has terms only for the K tasks of the minibatch, and each of them
+needs only its own ``delta_d``, ``h_d`` and the shared ``dTheta/dtau`` (`implicit_tau_gradient`
+on K rows is exact). ``dTheta/dtau`` is different: the global adapter responds to tau through
+every task's offset, ``mean_d(r_d delta_d) / mean_d(r_d h_d)`` over all D tasks, so it is
+computed over all D rows, where the tables live, in row blocks (`global_response`); it is a
+``[P]`` vector. With sparse steps (docs/many-tasks.md) the validation pass itself runs on the K
+gathered rows.
+
 Where it holds and where it does not: the implicit function theorem speaks of the MAP *for
 each tau*. Near convergence (the Gaussian models of the tests, a 300-step tiny-LM fit) it moves
 tau to the validation optimum. Far from one, the offsets are still growing towards the data and
@@ -47,14 +57,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..data import IGNORE_INDEX
-from .curvature import MonteCarloFisher, lm_logits, next_token_targets, per_document_gradients
+from .curvature import lm_logits, next_token_targets, per_document_gradients
 
-__all__ = ["implicit_tau_gradient", "LogTauAdam", "ValidationData", "ValidationProbe"]
+__all__ = ["global_response", "implicit_tau_gradient", "LogTauAdam", "ValidationData", "ValidationProbe"]
 
 
 @dataclass(frozen=True)
@@ -64,12 +74,15 @@ class ValidationData:
     Attributes
     ----------
     gradients
-        ``(task_adapters [D, P], batch) -> (grads [B, P], count)``: the gradient of each
-        validation document's NLL in its task's adapter (observed labels), and the number of
-        scored units (tokens) in the batch; `V` is the batch's NLL over ``count``.
+        ``(rows [R, P], batch) -> (grads [B, P], count)``: the gradient of each validation
+        document's NLL in its adapter ``rows[batch.task_ids[n]]`` (observed labels), and the
+        number of scored units (tokens) in the batch; `V` is the batch's NLL over ``count``.
+        ``rows`` are all D task adapters (dense steps) or the K of the batch's tasks, with
+        ``batch.task_ids`` their positions among the K (sparse steps).
     batches
         Endless validation minibatches (``.to(device)``, ``task_ids``), with ``state_dict`` /
-        ``load_state_dict`` for checkpoints.
+        ``load_state_dict`` for checkpoints; with sparse steps dataclasses (their task ids are
+        replaced with `dataclasses.replace`), with `TaskGroups` as ``groups`` or without.
     docs_per_task
         ``[D]`` training documents of each task.
     """
@@ -83,48 +96,93 @@ class ValidationData:
         """The validation data of a `MultiTaskLM` (`curvature.lm_logits`); count = scored tokens."""
         logits_fn = lm_logits(lm)
 
-        def gradients(task_adapters, batch):
-            grads = per_document_gradients(logits_fn, task_adapters, batch, sampled=False)
+        def gradients(rows, batch):
+            grads = per_document_gradients(logits_fn, rows, batch, sampled=False)
             return grads, int((next_token_targets(batch.labels) != IGNORE_INDEX).sum())
 
         return cls(gradients, batches, docs_per_task)
 
 
 @torch.no_grad()
+def global_response(
+    blocks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    tau: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    min_determined: float = 1e-3,
+) -> torch.Tensor:
+    """``[P]``: ``dTheta/dtau = - mean_d(r_d delta_d) / mean_d(r_d h_d)``, ``r_d = 1 / (h_d + tau)``
+    (module docstring), over every task, accumulated block by block.
+
+    Parameters
+    ----------
+    blocks
+        ``(offsets [b, P], curvature [b, P])`` pairs: ``delta_d = theta_d - Theta`` and ``h_d``
+        of every one of the D tasks exactly once, in blocks of rows (one block: all D rows).
+        The sums are taken on the blocks' device, in their dtype.
+    tau
+        ``[G]`` current precisions (finite, > 0).
+    group_index
+        ``[P]`` group of each parameter.
+    min_determined
+        Floor of ``mean_d h / (h + tau)``: an entry that no task's data determine has no
+        defined ``dTheta/dtau`` (and a zero validation gradient).
+    """
+    tau_p = weighted = determined = None
+    count = 0
+    for offsets, curvature in blocks:
+        if tau_p is None:
+            tau_p = tau.to(curvature.device, curvature.dtype)[group_index.to(curvature.device)]  # [P]
+        r = 1.0 / (curvature + tau_p)  # [b, P]
+        part_w, part_h = (offsets * r).sum(0), (curvature * r).sum(0)
+        weighted = part_w if weighted is None else weighted.add_(part_w)
+        determined = part_h if determined is None else determined.add_(part_h)
+        count += offsets.shape[0]
+    if count == 0:
+        raise ValueError("global_response(): blocks is empty; pass the (offsets, curvature) of every task.")
+    return -(weighted / count) / (determined / count).clamp_min(min_determined)
+
+
+@torch.no_grad()
 def implicit_tau_gradient(
-    task_adapters: torch.Tensor,
-    global_adapter: torch.Tensor,
+    offsets: torch.Tensor,
     curvature: torch.Tensor,
     tau: torch.Tensor,
     group_index: torch.Tensor,
     validation_gradient: torch.Tensor,
     *,
+    d_global: torch.Tensor | None = None,
     min_determined: float = 1e-3,
 ) -> torch.Tensor:
     """``[G]``: ``dV / d log tau_g`` by the implicit function theorem (module docstring).
 
+    With ``d_global`` given the rows may be any subset of the tasks that holds every task with a
+    nonzero validation gradient (e.g. the K tasks of the validation minibatch): the other tasks'
+    terms of the sum over ``d`` are zero, so the result is the same as on all D rows.
+
     Parameters
     ----------
-    task_adapters, global_adapter
-        ``[D, P]`` and ``[P]``: the current MAP values.
+    offsets
+        ``[R, P]``: ``delta_d = theta_d - Theta`` at the current MAP of the R tasks given.
     curvature
-        ``[D, P]`` diagonal curvature ``h`` of each task's training NLL.
+        ``[R, P]`` diagonal curvature ``h_d`` of each of those tasks' training NLL.
     tau
         ``[G]`` current precisions (finite, > 0).
     group_index
         ``[P]`` group of each parameter.
     validation_gradient
-        ``[D, P]``: ``dV / dtheta_d`` (zero rows for tasks without validation data in the estimate).
+        ``[R, P]``: ``dV / dtheta_d`` (zero rows for tasks without validation data in the estimate).
+    d_global
+        ``[P]`` ``dTheta/dtau`` over all D tasks (`global_response`); ``None``: computed from the
+        rows given, which must then be all D tasks.
     min_determined
-        Floor of ``mean_d h / (h + tau)`` in ``dTheta/dtau``: an entry that no task's data
-        determine has no defined ``dTheta/dtau`` (and a zero validation gradient).
+        See `global_response`.
     """
     tau_p = tau.to(curvature.dtype)[group_index]  # [P]
-    delta = task_adapters - global_adapter  # [D, P]
-    r = 1.0 / (curvature + tau_p)  # [D, P]
-    determined = (curvature * r).mean(0).clamp_min(min_determined)  # [P]
-    d_global = -(delta * r).mean(0) / determined  # [P]
-    d_task = r * (tau_p * d_global - delta)  # [D, P]
+    if d_global is None:
+        d_global = global_response([(offsets, curvature)], tau, group_index, min_determined=min_determined)
+    r = 1.0 / (curvature + tau_p)  # [R, P]
+    d_task = r * (tau_p * d_global - offsets)  # [R, P]
     per_param = tau_p * (validation_gradient * d_task).sum(0)  # [P]
     return torch.zeros(tau.shape[0], dtype=per_param.dtype, device=per_param.device).index_add_(
         0, group_index, per_param
@@ -183,43 +241,108 @@ class LogTauAdam:
 
 
 class ValidationProbe:
-    """Validation gradient and curvature of each task from one pass over a validation minibatch.
+    r"""Validation gradient of the tasks of a validation minibatch, and a running curvature of
+    every task, from one forward and backward pass per minibatch.
+
+    Each call adds the squared per-document gradients of the minibatch's documents to running
+    sums per task (exponential moving averages over calls), and the curvature of task ``d`` is
+    its training document count times the average per-document squared gradient::
+
+        S_d <- beta S_d + sum_{n in b, task d} g_n^2,    c_d <- beta c_d + |b cap d|
+        h_d  = N_d S_d / c_d                    (tasks seen)
+        h_d  = N_d sum_e S_e / sum_e c_e        (tasks not seen yet: the pooled average)
+
+    The gradients use held-out labels, so this is not the optimistic empirical Fisher of the
+    documents the adapters were fitted to.
 
     Parameters
     ----------
     gradients
-        ``(task_adapters, batch) -> (per-document gradients [B, P], count)`` (`ValidationData`).
+        ``(rows, batch) -> (per-document gradients [B, P], count)`` (`ValidationData`): document
+        ``n``'s adapter is ``rows[batch.task_ids[n]]``.
     docs_per_task
         ``[D]`` training documents ``N_d`` of each task (the curvature is of the training NLL).
     num_params
         P.
     beta
-        Decay of the running curvature per probe (``0.7``: about the last 3 probes).
+        Decay of the running sums per call, in ``(0, 1]`` (``0.7``: about the last 3 calls).
     device
-        Where the ``[D, P]`` accumulators live.
+        Where the ``[D, P]`` and ``[D]`` sums live: with the adapter tables (host memory with
+        ``adapter_storage="host"``). Each call decays them in place there and adds its ``B``
+        documents' rows; nothing of size D goes to the compute device.
     """
 
     def __init__(self, gradients, docs_per_task, num_params: int, *, beta: float = 0.7, device=None):
+        counts = torch.as_tensor(docs_per_task, dtype=torch.float32)
+        if counts.dim() != 1 or bool((counts < 0).any()):
+            raise ValueError(
+                f"docs_per_task must be a 1-d sequence of non-negative document counts, got {docs_per_task!r}."
+            )
+        if not 0.0 < float(beta) <= 1.0:
+            raise ValueError(f"beta must be in (0, 1], got beta={beta!r}; e.g. 0.7, or 1.0 for a plain average.")
         self.gradients = gradients
-        self.curvature_estimate = MonteCarloFisher(docs_per_task, num_params, beta=beta, device=device)
-        self.num_tasks = len(self.curvature_estimate.docs_per_task)
+        self.beta = float(beta)
+        self.num_tasks = len(counts)
+        self.docs_per_task = counts.to(device)
+        #: ``[D, P]`` running sums ``S`` and ``[D]`` counts ``c`` (see above).
+        self.sq = torch.zeros(self.num_tasks, int(num_params), device=device)
+        self.seen = torch.zeros(self.num_tasks, device=device)
+        self.count = 0
+        self._pooled = None
 
-    def __call__(self, task_adapters: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(validation gradient [D, P], curvature h [D, P])`` at ``task_adapters [D, P]``.
+    def __call__(self, rows: torch.Tensor, batch, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``[R, P]``: the validation gradient of each row of ``rows`` (zero for rows without a
+        document in ``batch``), the gradient of the batch's NLL per scored unit.
 
-        The gradient is that of the batch's NLL per scored unit; the curvature ``h_d`` is
-        ``N_d`` times the running average of the squared per-document gradients of task ``d``'s
-        validation documents (held-out labels, so not the optimistic empirical Fisher of the
-        documents the adapters were fitted to), the pooled average for tasks not yet seen.
+        Parameters
+        ----------
+        rows
+            ``[R, P]`` adapters: all D tasks (``batch.task_ids`` are task ids), or the K tasks of
+            the batch (``batch.task_ids`` are positions among them).
+        batch
+            The validation minibatch, on the compute device.
+        task_ids
+            ``[B]`` task id of each document, the rows of the running sums; default
+            ``batch.task_ids`` (when ``rows`` are all D tasks).
         """
-        grads, count = self.gradients(task_adapters, batch)  # [B, P]
-        self.curvature_estimate.add(grads.square(), batch.task_ids)
-        val_grad = torch.zeros(self.num_tasks, grads.shape[1], dtype=grads.dtype, device=grads.device)
-        val_grad.index_add_(0, batch.task_ids, grads / max(1, count))
-        return val_grad, self.curvature_estimate.curvature(fill_unseen=True)
+        grads, count = self.gradients(rows, batch)  # [B, P]
+        self.add(grads.square(), batch.task_ids if task_ids is None else task_ids)
+        val_grad = torch.zeros(rows.shape[0], grads.shape[1], dtype=grads.dtype, device=grads.device)
+        return val_grad.index_add_(0, batch.task_ids, grads / max(1, count))
+
+    @torch.no_grad()
+    def add(self, squared_gradients: torch.Tensor, task_ids: torch.Tensor) -> None:
+        """Decay the sums and add ``[B, P]`` squared gradients of documents of tasks ``task_ids
+        [B]`` (both moved to the sums' device first)."""
+        task_ids = task_ids.to(self.sq.device)
+        self.sq.mul_(self.beta)
+        self.seen.mul_(self.beta)
+        self.sq.index_add_(0, task_ids, squared_gradients.to(self.sq.device, self.sq.dtype))
+        self.seen.index_add_(0, task_ids, torch.ones(task_ids.shape, dtype=self.seen.dtype, device=self.seen.device))
+        self.count += 1
+        self._pooled = None
+
+    @torch.no_grad()
+    def curvature(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """``[R, P]`` curvature ``h`` of tasks ``rows`` (a slice or ``[R]`` task ids on the sums'
+        device; default all D), on the sums' device. The pooled average is summed over all D
+        tasks once per call of the probe."""
+        if self.count == 0:
+            raise RuntimeError("ValidationProbe.curvature() needs at least one call of the probe.")
+        tiny = torch.finfo(self.seen.dtype).tiny
+        if self._pooled is None:
+            self._pooled = self.sq.sum(0) / self.seen.sum().clamp_min(tiny)
+        sq, seen = self.sq[rows], self.seen[rows]
+        per_doc = torch.where((seen > 0)[:, None], sq / seen.clamp_min(tiny)[:, None], self._pooled)
+        return per_doc * self.docs_per_task[rows][:, None]
 
     def state_dict(self) -> dict:
-        return self.curvature_estimate.state_dict()
+        """``sq``, ``seen`` and ``count``, to checkpoint."""
+        return {"sq": self.sq, "seen": self.seen, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.curvature_estimate.load_state_dict(state)
+        """Restore a `state_dict`."""
+        self.sq.copy_(state["sq"])
+        self.seen.copy_(state["seen"])
+        self.count = int(state["count"])
+        self._pooled = None

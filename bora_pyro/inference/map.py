@@ -13,13 +13,14 @@ from torch import nn
 
 from .. import checks, distributed
 from ..config import PARAMETERIZATIONS, TrainConfig
+from ..data.batches import task_groups
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel, TaskSubsample
 from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .elbo import SyncFreeTraceELBO
 from .loop import FitState, Stepper, run_steps
 from .curvature import FisherSampler, MonteCarloFisher
-from .hyper import LogTauAdam, ValidationData, ValidationProbe, implicit_tau_gradient
+from .hyper import LogTauAdam, ValidationData, ValidationProbe, global_response, implicit_tau_gradient
 from .precision import FisherEstimate, evidence_terms, evidence_update
 from .rows import host_table
 
@@ -33,6 +34,9 @@ CURVATURE_BUDGET = 0.15
 #: Default number of updates per run of ``tau_method="validation"`` (each costs one forward and
 #: backward pass on a validation minibatch; they start after a tenth of the run).
 VALIDATION_UPDATES = 15
+#: Entries per row block of the validation method's sum over every task with sparse steps
+#: (`MAPStepper._response_blocks`): 2^22 float32 entries, 16 MiB per temporary.
+RESPONSE_BLOCK = 1 << 22
 
 
 class PointGuide(nn.Module):
@@ -206,6 +210,10 @@ class MAPStepper(Stepper):
         self.fisher, self.mc_fisher, self.generator = None, None, None
         self.fisher_sampler = fisher_sampler
         self.probe, self.validation_batches, self.log_tau = None, None, None
+        #: Where the ``[D, P]`` curvature accumulators live and the tau updates' ``[D, P]`` work
+        #: runs: with the tables (host memory with ``adapter_storage="host"``), so that device
+        #: bytes do not grow with D.
+        self.table_device = self.storage if self.storage is not None else self.device
         if self.learn and by_validation:
             if validation is None:
                 raise ValueError(
@@ -215,7 +223,7 @@ class MAPStepper(Stepper):
                     "validation data)."
                 )
             self.probe = ValidationProbe(
-                validation.gradients, validation.docs_per_task, model.num_params, device=self.device
+                validation.gradients, validation.docs_per_task, model.num_params, device=self.table_device
             )
             self.validation_batches = validation.batches
             self.log_tau = LogTauAdam(self.tau, lr=train.tau_lr)
@@ -224,9 +232,6 @@ class MAPStepper(Stepper):
         if batches is None:
             batches = max(1, int(CURVATURE_BUDGET * self.steps / max(1, updates)))
         self.curvature_batches = min(batches, self.tau_update_every)
-        #: Where the ``[D, P]`` curvature accumulators live and the evidence update runs: with the
-        #: tables (host memory with ``adapter_storage="host"``), so that device bytes do not grow with D.
-        self.table_device = self.storage if self.storage is not None else self.device
         if not self.learn or by_validation:
             pass
         elif self.curvature_kind == "empirical":
@@ -338,14 +343,63 @@ class MAPStepper(Stepper):
             })
 
     def _validation_update(self, step: int) -> None:
-        """One Adam step of log tau down the implicit validation gradient (`hyper`)."""
-        theta, theta_g = self.point()
-        batch = next(self.validation_batches).to(self.device)
-        with self.amp():
-            val_grad, h = self.probe(theta, batch)
-        grad = implicit_tau_gradient(theta, theta_g, h, self.tau, self.model.group_index, val_grad)
+        """One Adam step of log tau down the implicit validation gradient (`hyper`).
+
+        Dense steps: on the ``[D, P]`` point (on the compute device, where the dense step keeps
+        it). Sparse steps (`_sparse_validation_gradient`): on the K rows of the validation
+        minibatch's tasks, with the ``[D, P]`` work where the tables live."""
+        batch = next(self.validation_batches)
+        if self.sparse:
+            grad = self._sparse_validation_gradient(batch)
+        else:
+            theta, theta_g = self.point()
+            batch = batch.to(self.device)
+            with self.amp():
+                val_grad = self.probe(theta, batch)
+            grad = implicit_tau_gradient(
+                theta - theta_g, self.probe.curvature(), self.tau, self.model.group_index, val_grad)
         self.tau = self.log_tau.step(grad).to(self.device, self.tau.dtype)
         self.tau_updates.append({"step": step, "tau": self.tau.tolist(), "grad": grad.tolist()})
+
+    def _sparse_validation_gradient(self, batch) -> torch.Tensor:
+        """``[G]`` ``dV / d log tau`` from the K tasks of the validation minibatch ``batch`` (on
+        the host), exact (`hyper` module docstring, "Which rows it needs").
+
+        The K rows are gathered from the tables to the compute device (as `_sampler_inputs`
+        does for a training batch, the batch's task ids replaced by their positions among the
+        K, `TaskGroups`); the probe's pass runs on them and adds its ``[B, P]`` squared
+        gradients to its sums, which live with the tables. ``dTheta/dtau``, the one term over
+        every task, is summed where the tables live in blocks of `RESPONSE_BLOCK` entries
+        (`_response_blocks`). Only ``[K, P]`` rows and ``[P]`` / ``[G]`` vectors go to the
+        compute device: no ``[D, ...]`` tensor is created there.
+        """
+        groups = getattr(batch, "groups", None)
+        if groups is None:
+            groups = task_groups(batch.task_ids)
+        table = self.guide.tables[self.guide.task_name]
+        at = table.device
+        stored = table.index_select(0, groups.tasks.to(at)).to(self.device)  # [K, P]
+        theta_g = self.guide.global_adapter.detach()
+        offsets = stored if self.guide.offsets else stored - theta_g
+        rows = theta_g + stored if self.guide.offsets else stored
+        extra = {} if getattr(batch, "groups", None) is None else {"groups": groups.as_rows()}
+        local = replace(batch, task_ids=groups.local, **extra).to(self.device)
+        with self.amp():
+            val_grad = self.probe(rows.float(), local, task_ids=groups.tasks[groups.local])  # [K, P]
+        h = self.probe.curvature(groups.tasks.to(at)).to(self.device)
+        d_global = global_response(self._response_blocks(), self.tau.to(at), self.model.group_index.to(at))
+        return implicit_tau_gradient(offsets, h, self.tau, self.model.group_index, val_grad,
+                                     d_global=d_global.to(self.device))
+
+    def _response_blocks(self):
+        """``(offsets [b, P], curvature [b, P])`` of every task, in blocks of rows of at most
+        `RESPONSE_BLOCK` entries, on the tables' device (`hyper.global_response`)."""
+        table = self.guide.tables[self.guide.task_name]
+        theta_g = self.guide.global_adapter.detach().to(table.device)
+        size = max(1, RESPONSE_BLOCK // table.shape[1])
+        for start in range(0, table.shape[0], size):
+            block = slice(start, start + size)
+            yield (table[block] if self.guide.offsets else table[block] - theta_g), self.probe.curvature(block)
 
     def state_dict(self) -> dict:
         """`Stepper.state_dict` plus, with a learned tau, ``tau_updates`` and the method's
