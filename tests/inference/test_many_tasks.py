@@ -129,22 +129,88 @@ def test_ten_thousand_tasks_with_a_learned_tau_from_fit_map(corpus, monkeypatch)
     assert all(np.isfinite(taus)) and all(t != 100.0 for t in taus), taus
 
 
-def test_learned_tau_with_host_storage_matches_device_storage():
-    """Sparse learned-tau MAP on the tiny LM (sampled Fisher and empirical curvature): adapters
-    in host memory give the same tau updates and adapters, bit for bit, as adapters on the
-    compute device (here both the CPU: the same arithmetic on the same values)."""
+def _host_and_device_fits(method, curvature, device="cpu"):
     corpus = build_corpus(synthetic_corpus_frame((8, 12, 16, 6, 9)), char_tokenizer(), max_length=24, seed=0)
-    for curvature in ["fisher", "empirical"]:
-        results = {}
-        for storage in ["host", "device"]:
-            results[storage] = bora_pyro.fit_map(
-                corpus, model=_tiny(), tokenizer=char_tokenizer(), rank=2, alpha=4.0, tau="learn", tau_init=100.0,
-                max_steps=30, batch_size=4, lr=1e-2, tau_warmup=5, tau_update_every=5, tau_curvature=curvature,
-                task_step="sparse", adapter_storage=storage, device="cpu", progress=False, patience=None)
-        host, device = results["host"], results["device"]
-        assert len(host.history["tau_update"]) == 5
-        assert host.history["tau_update"] == device.history["tau_update"], curvature
-        assert torch.equal(host.task_adapters, device.task_adapters)
+    return {storage: bora_pyro.fit_map(
+        corpus, model=_tiny(), tokenizer=char_tokenizer(), rank=2, alpha=4.0, tau="learn", tau_init=100.0,
+        max_steps=30, batch_size=4, lr=1e-2, tau_warmup=5, tau_update_every=5, tau_method=method,
+        tau_curvature=curvature, task_step="sparse", adapter_storage=storage, device=device, progress=False,
+        patience=None) for storage in ["host", "device"]}
+
+
+@pytest.mark.parametrize("method, curvature", [("evidence", "fisher"), ("evidence", "empirical"),
+                                               ("validation", "fisher")])
+def test_learned_tau_with_host_storage_matches_device_storage(method, curvature):
+    """Sparse learned-tau MAP on the tiny LM (the evidence with the sampled Fisher and with the
+    empirical curvature, and the validation method): adapters in host memory give the same tau
+    updates and adapters, bit for bit, as adapters on the compute device (here both the CPU: the
+    same arithmetic on the same values)."""
+    results = _host_and_device_fits(method, curvature)
+    host, device = results["host"], results["device"]
+    assert len(host.history["tau_update"]) == 5
+    assert host.history["tau_update"] == device.history["tau_update"]
+    assert torch.equal(host.task_adapters, device.task_adapters)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_validation_tau_with_host_storage_on_cuda_matches_device_storage():
+    """On a GPU the validation method's probe sums and ``dTheta/dtau`` are in host memory with host
+    storage and on the GPU with device storage (other arithmetic): the tau updates agree to 1e-4
+    relative, the adapters to 1e-4 absolute."""
+    results = _host_and_device_fits("validation", "fisher", device="cuda")
+    host, device = results["host"], results["device"]
+    host_tau = [t for u in host.history["tau_update"] for t in u["tau"]]
+    device_tau = [t for u in device.history["tau_update"] for t in u["tau"]]
+    assert len(host.history["tau_update"]) == 5
+    assert host_tau == pytest.approx(device_tau, rel=1e-4)
+    torch.testing.assert_close(host.task_adapters, device.task_adapters, atol=1e-4, rtol=0)
+
+
+def test_ten_thousand_tasks_with_a_validation_tau_from_fit_map(corpus, monkeypatch):
+    """MAP with ``tau_method="validation"``, sparse steps and host storage at 10,000 tasks: each
+    update's pass runs on the K rows of its validation batch's tasks, and the update creates no
+    ``[D, ...]`` tensor at all (``dTheta/dtau`` is summed over row blocks, here of 1,000 rows or
+    fewer) besides its in-place sums into the probe's accumulators, which live with the tables.
+    A few seconds, most of it the fixture's tokenisation."""
+    from bora_pyro.data import TaskCorpus
+    from bora_pyro.inference import hyper, map as map_module
+    from bora_pyro.inference.map import MAPStepper
+
+    validation = corpus.train.select(np.arange(0, corpus.train.num_docs, 200))  # 100 documents of 100 tasks
+    validation.name = "validation"
+    with_validation = TaskCorpus(corpus.tasks, {"train": corpus.train, "validation": validation,
+                                                "test": corpus.test},
+                                 pad_token_id=corpus.pad_token_id, start_token_id=corpus.start_token_id)
+    passes, created, steppers = [], [], []
+    per_document, update = hyper.per_document_gradients, MAPStepper._validation_update
+
+    def counted(logits_fn, task_adapters, batch, **kw):
+        passes.append(task_adapters.shape[0])
+        return per_document(logits_fn, task_adapters, batch, **kw)
+
+    def watched(self, step):
+        steppers[:] = [self]
+        assert map_module.RESPONSE_BLOCK // self.model.num_params <= 1000
+        with _TaskRows(TASKS, [self.probe.sq, self.probe.seen]) as mode:
+            update(self, step)
+        created.extend(mode.calls)
+
+    monkeypatch.setattr(hyper, "per_document_gradients", counted)
+    monkeypatch.setattr(MAPStepper, "_validation_update", watched)
+    monkeypatch.setattr(map_module, "RESPONSE_BLOCK", 1 << 16)
+    settings = {**SETTINGS, "tau": "learn", "tau_method": "validation", "tau_init": 100.0, "max_steps": 6,
+                "tau_warmup": 2, "tau_update_every": 2}
+    result = bora_pyro.fit_map(with_validation, model=_tiny(), tokenizer=char_tokenizer(), adapter_storage="host",
+                               **settings)
+    stepper = steppers[0]
+    assert stepper.sparse and stepper.storage.type == "cpu"
+    assert stepper.probe.sq.device == stepper.probe.seen.device == stepper.storage
+    assert [u["step"] for u in result.history["tau_update"]] == [3, 5]
+    assert len(passes) == 2 and all(0 < k <= 8 for k in passes), passes
+    assert not created, created
+    taus = [t for u in result.history["tau_update"] for t in u["tau"]]
+    assert all(np.isfinite(taus)) and all(t != 100.0 for t in taus), taus
 
 
 def test_ten_thousand_tasks_from_the_command_line(tmp_path, capsys):
