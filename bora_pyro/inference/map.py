@@ -135,7 +135,9 @@ class MAPStepper(Stepper):
         (`hyper.ValidationProbe`), and log tau takes one Adam step (``train.tau_lr``) down the
         implicit gradient of the validation NLL (`hyper.implicit_tau_gradient`). Each update
         appends ``{"step", "tau", "grad"}`` (``grad = dV / d log tau`` per group) to
-        `tau_updates`. Cost: 15 passes without optimiser step per run. The implicit gradient
+        `tau_updates`. Cost: 15 passes without optimiser step per run. With sparse steps the
+        pass runs on the K rows of the validation minibatch's tasks and the ``[D, P]`` work
+        stays with the tables (`_sparse_validation_gradient`). The implicit gradient
         assumes a converged MAP; far from one (a short run) it favours too little pooling
         (docs/learned-precision.md, section 4).
 
