@@ -1,5 +1,6 @@
-r"""Trace of MAP's learned tau: tau per precision group at every update, with gamma and S (the
-evidence) or the implicit validation gradient ``dV / d log tau`` (``--tau-method validation``).
+r"""Trace of MAP's learned tau: tau per precision group at every update, with the implicit
+validation gradient ``dV / d log tau`` (the validation method, the default's choice when there
+are validation documents) or gamma and S (``--tau-method evidence``).
 
 Runs `bora_pyro.fit_map` with ``tau="learn"`` on the data and settings of the ``cpu`` sweep
 configuration (`bora_pyro.sweep.SWEEP_CONFIGS["cpu"]`: 12 Shakespeare characters, the default
@@ -9,8 +10,8 @@ length and early stopping, and prints one line per evidence update (the record
 (on the sweep's ``eval_docs_per_task`` documents per task), the learned tau, the step kept and
 the fit's wall time::
 
-    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-init 1e3 --seed 0      # the evidence (default)
-    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-method validation
+    PYTHONPATH=. python benchmarks/learned_tau_trace.py --seed 0      # the default (auto: validation)
+    PYTHONPATH=. python benchmarks/learned_tau_trace.py --tau-method evidence
     PYTHONPATH=. python benchmarks/learned_tau_trace.py --max-steps 100   # about the earlier cpu configuration (100 steps)
 
 ``--tiny`` runs the same on a tiny random LM and a synthetic corpus instead (seconds; for tests).
@@ -24,6 +25,7 @@ import math
 import time
 
 import bora_pyro
+from bora_pyro.config import TAU_METHODS
 from bora_pyro.files import dumps_json
 from bora_pyro.sweep import SWEEP_CONFIGS
 
@@ -60,7 +62,8 @@ def _data_and_settings(args):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tau-init", type=float, default=1e3, help="starting tau of every group")
-    parser.add_argument("--tau-method", default="evidence", choices=("validation", "evidence"))
+    parser.add_argument("--tau-method", default="auto", choices=TAU_METHODS,
+                        help="auto (default): validation when the split has validation documents")
     parser.add_argument("--tau-lr", type=float, default=0.5, help="validation: Adam step of log tau")
     parser.add_argument("--tau-curvature", default="fisher", choices=("fisher", "empirical"))
     parser.add_argument("--tau-curvature-batches", type=int, default=None, help="default: the 15%% budget")
@@ -78,8 +81,9 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - started
     groups = list(result.tau)
     updates = result.history["tau_update"]
+    method = result.fit_args["tau_method"]  # the method that ran ("auto" resolved)
     if not args.json:
-        terms = ("grad",) if args.tau_method == "validation" else ("gamma", "S")
+        terms = ("grad",) if method == "validation" else ("gamma", "S")
         print(f"{'step':>5}  " + "  ".join(" ".join(f"{n + '_' + g:>10}" for n in ("tau", *terms)) for g in groups))
         for u in updates:
             cells = [" ".join(f"{u[n][i]:10.4g}" for n in ("tau", *terms)) for i in range(len(groups))]
@@ -87,6 +91,7 @@ def main(argv=None) -> dict:
     test = result.evaluate("test", max_docs_per_task=eval_docs, seed=args.seed)
     out = {
         "settings": {k: v for k, v in vars(args).items()},
+        "tau_method": method,
         "groups": groups,
         "updates": updates,
         "tau": result.tau,

@@ -27,7 +27,7 @@ from .checkpoint import Checkpointing, make_checkpointing
 from .curvature import FisherSampler
 from .hyper import ValidationData
 from .loop import FitState
-from .map import optimise_map
+from .map import optimise_map, resolve_tau_method
 from .svi import optimise_svi
 
 __all__ = ["fit_map", "fit_svi"]
@@ -54,9 +54,12 @@ def fit_map(
 
     Maximises ``log p(theta_1..D, Theta | data, tau)`` = ``sum_d log N(theta_d; Theta, tau^-1)``
     + ``sum_n log p_LM(doc_n | theta_task(n))`` with minibatches of documents that mix tasks (the
-    likelihood scaled by N / B) and AdamW. With ``tau="learn"`` the precision is set by the
-    evidence (type-II maximum likelihood with a Gamma hyperprior, `bora_pyro.inference.precision`),
-    not by the degenerate joint MAP.
+    likelihood scaled by N / B) and AdamW. With ``tau="learn"`` the precision is learned during
+    the fit, not by the degenerate joint MAP: by default (``tau_method="auto"``) down the implicit
+    gradient of the validation likelihood (empirical Bayes on held-out documents,
+    `bora_pyro.inference.hyper`), or, without validation documents, by the Laplace evidence
+    (type-II maximum likelihood with a Gamma hyperprior, `bora_pyro.inference.precision`);
+    ``fit_args["tau_method"]`` names the one that ran.
 
     Parameters
     ----------
@@ -112,13 +115,17 @@ def fit_map(
     settings = _settings(data, data_config, config, train, overrides)
     require_trackers(settings.train.report_to)  # a missing tracker package fails before any loading
     run = _prepare(data, settings, model=model, tokenizer=tokenizer, init_adapter=init_adapter)
+    validation = run.validation_data()
+    if settings.model.tau == "learn":  # fit_args, checkpoints and trackers name the method that runs
+        method = resolve_tau_method(settings.train.tau_method, validation is not None)
+        run.settings = settings = replace(settings, train=replace(settings.train, tau_method=method))
     fit_args = run.record("map")
     with run.trackers("map") as trackers:
         state = optimise_map(
             run.bora, run.batches(), settings.train, init_global=run.init_global, validate=run.validate,
             checkpointing=_checkpointing(run, fit_args), on_step=trackers.log_metrics if trackers else None,
             fisher_sampler=FisherSampler.for_lm(run.lm, run.train.docs_per_task),
-            validation=run.validation_data(),
+            validation=validation,
         )
         return run.finish(state, fit_args, trackers)
 

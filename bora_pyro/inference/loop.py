@@ -25,7 +25,7 @@ from .rows import LazyAdamW, resolve_storage
 if TYPE_CHECKING:
     from .checkpoint import Checkpointing
 
-__all__ = ["FitState", "Stepper", "run_steps", "initial_tau", "lr_factor", "lr_scheduler", "base_lr", "READ_EVERY"]
+__all__ = ["FitState", "Stepper", "run_steps", "initial_tau", "eval_interval", "lr_factor", "lr_scheduler", "base_lr", "READ_EVERY"]
 
 #: Steps between two reads of the step values (loss, gradient norm, NLL, tau) from the compute
 #: device; `run_steps` also reads them at the first step, before each validation and checkpoint,
@@ -77,6 +77,12 @@ def initial_tau(model: BoraModel) -> torch.Tensor:
     if model.mode == "pooled":
         return torch.full_like(tau, math.inf)
     return tau
+
+
+def eval_interval(train: TrainConfig, steps: int) -> int:
+    """Steps between validation evaluations of a run of ``steps``: ``train.eval_every``, or
+    ten per run when it is ``None``."""
+    return train.eval_every if train.eval_every is not None else max(1, steps // 10)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
@@ -427,7 +433,7 @@ def run_steps(
     after the resumed checkpoint's step, exactly as it would have without the interruption.
     """
     train, steps, model = stepper.train, stepper.steps, stepper.model
-    eval_every = train.eval_every if train.eval_every is not None else max(1, steps // 10)
+    eval_every = eval_interval(train, steps)
     if checkpointing is not None:
         checkpointing.start(batches)
     first = stepper.prepare(next(batches))

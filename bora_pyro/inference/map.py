@@ -18,22 +18,24 @@ from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel, TaskSubsample
 from ..models.prior import PointMass
 from .checkpoint import Checkpointing
 from .elbo import SyncFreeTraceELBO
-from .loop import FitState, Stepper, run_steps
+from .loop import FitState, Stepper, eval_interval, run_steps
 from .curvature import FisherSampler, MonteCarloFisher
 from .hyper import LogTauAdam, ValidationData, ValidationProbe, global_response, implicit_tau_gradient
 from .precision import FisherEstimate, evidence_terms, evidence_update
 from .rows import host_table
 
-__all__ = ["MAPStepper", "PointGuide", "optimise_map", "CURVATURE_BUDGET"]
+__all__ = ["MAPStepper", "PointGuide", "optimise_map", "resolve_tau_method", "CURVATURE_BUDGET"]
 
 #: Name of the ``[D, P]`` table of task offsets (``parameterization="offset"``).
 SITE_OFFSETS = "task_offsets"
 
 #: Default share of a run's steps spent on the extra passes of ``tau_curvature="fisher"``.
 CURVATURE_BUDGET = 0.15
-#: Default number of updates per run of ``tau_method="validation"`` (each costs one forward and
-#: backward pass on a validation minibatch; they start after a tenth of the run).
-VALIDATION_UPDATES = 15
+#: Default updates per evaluation period of ``tau_method="validation"`` (each costs one forward
+#: and backward pass on a validation minibatch): ``tau_update_every = eval_every / 2.5``, so that
+#: tau has moved before the evaluations that pick the kept state (docs/learned-precision.md,
+#: section 8).
+VALIDATION_UPDATES_PER_EVAL = 2.5
 #: Entries per row block of the validation method's sum over every task with sparse steps
 #: (`MAPStepper._response_blocks`): 2^22 float32 entries, 16 MiB per temporary.
 RESPONSE_BLOCK = 1 << 22
@@ -123,23 +125,37 @@ class PointGuide(nn.Module):
         return out
 
 
-class MAPStepper(Stepper):
-    r"""MAP steps; with a learned tau, updates of tau by ``train.tau_method``.
+def resolve_tau_method(method: str, has_validation: bool) -> str:
+    """The method ``tau_method`` names: ``"auto"`` is ``"validation"`` when the fit has
+    validation documents and ``"evidence"`` otherwise; the others are themselves."""
+    if method != "auto":
+        return method
+    return "validation" if has_validation else "evidence"
 
-    ``"evidence"`` (default)
-        The Laplace evidence fixed point (`precision.evidence_update`), described below.
+
+class MAPStepper(Stepper):
+    r"""MAP steps; with a learned tau, updates of tau by ``train.tau_method``
+    (`resolve_tau_method`: ``"auto"``, the default, is the validation method when there are
+    validation documents, else the evidence).
+
     ``"validation"``
-        Every ``tau_update_every`` steps after ``tau_warmup`` (default: `VALIDATION_UPDATES` =
-        15 per run after a tenth of it), one forward and backward pass on a validation
-        minibatch gives each present task's validation gradient and curvature
-        (`hyper.ValidationProbe`), and log tau takes one Adam step (``train.tau_lr``) down the
-        implicit gradient of the validation NLL (`hyper.implicit_tau_gradient`). Each update
-        appends ``{"step", "tau", "grad"}`` (``grad = dV / d log tau`` per group) to
-        `tau_updates`. Cost: 15 passes without optimiser step per run. With sparse steps the
-        pass runs on the K rows of the validation minibatch's tasks and the ``[D, P]`` work
-        stays with the tables (`_sparse_validation_gradient`). The implicit gradient
-        assumes a converged MAP; far from one (a short run) it favours too little pooling
-        (docs/learned-precision.md, section 4).
+        Every ``tau_update_every`` steps after ``tau_warmup`` (default: tied to the
+        evaluations, `VALIDATION_UPDATES_PER_EVAL` = 2.5 per ``eval_every`` steps, the first
+        after the first evaluation or a fifth of the run, whichever comes first; with the
+        ``cpu`` sweep's evaluations every 25 steps, every 10 steps after 25), one forward and
+        backward pass on a validation minibatch gives each present task's validation gradient
+        and curvature (`hyper.ValidationProbe`), and log tau takes one Adam step
+        (``train.tau_lr``) down the implicit gradient of the validation NLL
+        (`hyper.implicit_tau_gradient`). Each update appends ``{"step", "tau", "grad"}``
+        (``grad = dV / d log tau`` per group) to `tau_updates`. Cost: one pass without
+        optimiser step per ``eval_every / 2.5`` steps (a tenth of the steps at the ``cpu``
+        sweep's schedule). With sparse steps the pass runs on the K rows of the validation
+        minibatch's tasks and the ``[D, P]`` work stays with the tables
+        (`_sparse_validation_gradient`). Updates spread over the whole run (15 per
+        ``max_steps``) came after the kept state of runs that stop early, and tau was still
+        rising there (docs/learned-precision.md, sections 7 and 8).
+    ``"evidence"``
+        The Laplace evidence fixed point (`precision.evidence_update`), described below.
 
     The curvature ``h`` of each evidence update (``train.tau_curvature``):
 
@@ -180,9 +196,10 @@ class MAPStepper(Stepper):
         The `TrainConfig`; besides what `Stepper` reads: ``parameterization`` (what the
         optimiser moves, see `PointGuide`), ``batch_size`` (the empirical estimate's scale is
         ``batch_size / model.num_docs``), ``tau_update_every`` and ``tau_warmup`` (steps between
-        evidence updates of a learned tau, default 20 per run, and steps before the first one,
-        default a fifth of the run: at the standard initialisation ``B = 0`` every curvature of
-        the A entries is exactly zero), ``tau_curvature`` and ``tau_curvature_batches``.
+        updates of a learned tau and steps before the first one; defaults: above for the
+        validation method; for the evidence 20 updates per run after a fifth of it, since at
+        the standard initialisation ``B = 0`` every curvature of the A entries is exactly
+        zero), ``tau_method``, ``tau_lr``, ``tau_curvature`` and ``tau_curvature_batches``.
     init_global
         ``[P]`` initial global adapter; every task adapter starts there.
     fisher_sampler
@@ -200,14 +217,16 @@ class MAPStepper(Stepper):
         super().__init__(model, SyncFreeTraceELBO(), train)
         self.parameterization = train.parameterization
         self.init_global = init_global.to(self.device)
-        self.tau_method = train.tau_method
+        self.tau_method = resolve_tau_method(train.tau_method, validation is not None)
         by_validation = self.tau_method == "validation"
-        self.tau_update_every = train.tau_update_every if train.tau_update_every is not None else max(
-            1, self.steps // (VALIDATION_UPDATES if by_validation else 20)
-        )
-        self.tau_warmup = train.tau_warmup if train.tau_warmup is not None else self.steps // (
-            10 if by_validation else 5
-        )
+        if by_validation:
+            eval_every = eval_interval(train, self.steps)
+            every = max(1, round(eval_every / VALIDATION_UPDATES_PER_EVAL))
+            warmup = min(eval_every, self.steps // 5)
+        else:
+            every, warmup = max(1, self.steps // 20), self.steps // 5
+        self.tau_update_every = train.tau_update_every if train.tau_update_every is not None else every
+        self.tau_warmup = train.tau_warmup if train.tau_warmup is not None else warmup
         self.curvature_kind = train.tau_curvature
         self.fisher, self.mc_fisher, self.generator = None, None, None
         self.fisher_sampler = fisher_sampler

@@ -232,28 +232,32 @@ def test_map_with_validation_tau_lands_at_the_brute_force_validation_optimum(tas
 
 
 def test_fit_map_learns_tau_by_validation_on_a_tiny_lm():
-    """Through `fit_map` (packed LM batches, `ValidationData.for_lm`): on documents generated with
-    tau = 4 (`testing.generated_corpus`, 20% validation) and starting 250x too high, the
-    validation gradient drives tau down (measured: 1e3 -> 6.1 after 300 steps, every update lower), each update
-    is recorded, and the fit's settings say which method ran. A few seconds on one thread."""
+    """Through `fit_map` (packed LM batches, `ValidationData.for_lm`), with the default
+    ``tau_method="auto"``: on documents generated with tau = 4 (`testing.generated_corpus`, 20%
+    validation) and starting 250x too high, the validation gradient drives tau down, on the
+    default schedule tied to the evaluations (every 30 steps in 300: an update every 12 steps
+    after 30), each update is recorded, and the fit's settings say which method ran. Without
+    validation documents "auto" is the evidence, and asking for the validation method is an error
+    that names the way out. A few seconds on one thread."""
     import bora_pyro
     from bora_pyro.testing import generated_corpus
 
     corpus, base, tok = generated_corpus(4.0, validation_size=0.2)
     result = bora_pyro.fit_map(
-        corpus, model=base, tokenizer=tok, tau="learn", tau_method="validation", tau_init=1e3, max_steps=300, lr=2e-2,
+        corpus, model=base, tokenizer=tok, tau="learn", tau_init=1e3, max_steps=300, lr=2e-2,
         batch_size=16, rank=2, alpha=4, target_modules=["lm_head"], precision_groups="shared",
         device="cpu", progress=False, patience=None,
     )
     updates = result.history["tau_update"]
-    assert len(updates) == 13 and [u["step"] for u in updates][:2] == [49, 69]
-    assert result.fit_args["tau_method"] == "validation"
+    assert [u["step"] for u in updates] == list(range(41, 300, 12))
+    assert result.fit_args["tau_method"] == "validation" and "grad" in updates[0]
     assert result.tau["all"] < 50, [u["tau"] for u in updates]
+    no_validation, base, tok = generated_corpus(4.0, docs_per_task=(10, 20), validation_size=0.0)
+    small = dict(model=base, tokenizer=tok, tau="learn", max_steps=2, batch_size=4, rank=2, alpha=4,
+                 target_modules=["lm_head"], device="cpu", progress=False)
+    assert bora_pyro.fit_map(no_validation, **small).fit_args["tau_method"] == "evidence"
     with pytest.raises(ValueError, match=r"tau_method='validation'.*needs validation documents.*'evidence'"):
-        no_validation, base, tok = generated_corpus(4.0, docs_per_task=(10, 20), validation_size=0.0)
-        bora_pyro.fit_map(no_validation, model=base, tokenizer=tok, tau="learn", tau_method="validation",
-                          max_steps=2, batch_size=4,
-                          rank=2, alpha=4, target_modules=["lm_head"], device="cpu", progress=False)
+        bora_pyro.fit_map(no_validation, tau_method="validation", **small)
 
 
 #: tau after each update of the dense validation-method fit below, recorded at commit 5bff850,
