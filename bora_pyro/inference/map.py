@@ -153,7 +153,8 @@ class MAPStepper(Stepper):
         minibatch's tasks and the ``[D, P]`` work stays with the tables
         (`_sparse_validation_gradient`). Updates spread over the whole run (15 per
         ``max_steps``) came after the kept state of runs that stop early, and tau was still
-        rising there (docs/learned-precision.md, sections 7 and 8).
+        rising there (docs/learned-precision.md, sections 7 and 8). The implicit gradient
+        assumes a converged MAP; on short runs it can favour too little pooling (section 4).
     ``"evidence"``
         The Laplace evidence fixed point (`precision.evidence_update`), described below.
 
