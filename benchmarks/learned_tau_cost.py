@@ -75,6 +75,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="a tiny random LM on synthetic data (for tests)")
     parser.add_argument("--json", action="store_true", help="print the measurements as one JSON line at the end")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        parser.error(f"--steps and --rounds must be at least 1 (got {args.steps} and {args.rounds})")
 
     corpus, kwargs = _data_and_settings(args)
     fits = {"learned": dict(tau="learn", tau_method=args.tau_method), "fixed": dict(tau=args.tau)}
