@@ -507,6 +507,9 @@ class TrainConfig(_Settings):
                                          "documents, else the evidence)", choices=TAU_METHODS))
     tau_lr: float = field(
         default=0.5, metadata=_help("MAP, learned tau, tau_method='validation': Adam step size of log tau"))
+    tau_val_batches: int = field(
+        default=1, metadata=_help("MAP, learned tau, tau_method='validation': validation minibatches (forward "
+                                  "and backward passes) averaged in each update's gradient"))
     tau_curvature: str = field(
         default="fisher", metadata=_help("MAP, learned tau: curvature of the evidence update (true Fisher at the "
                                          "current adapters, or the running empirical Fisher)",
@@ -546,6 +549,7 @@ class TrainConfig(_Settings):
         checks.choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         checks.choice("tau_method", self.tau_method, TAU_METHODS)
         self.tau_lr = checks.positive_number("tau_lr", self.tau_lr)
+        self.tau_val_batches = checks.positive_int("tau_val_batches", self.tau_val_batches)
         self.num_particles = checks.positive_int("num_particles", self.num_particles)
         self.init_scale = _parse_init_scale(self.init_scale)
         if not isinstance(self.device, str):

@@ -64,7 +64,11 @@ import torch
 from ..data import IGNORE_INDEX
 from .curvature import lm_logits, next_token_targets, per_document_gradients
 
-__all__ = ["global_response", "implicit_tau_gradient", "LogTauAdam", "ValidationData", "ValidationProbe"]
+__all__ = ["PROBE_BETA", "global_response", "implicit_tau_gradient", "LogTauAdam", "ValidationData", "ValidationProbe"]
+
+
+#: `ValidationProbe`'s default decay of its running curvature per minibatch: about the last 3.
+PROBE_BETA = 0.7
 
 
 @dataclass(frozen=True)
@@ -272,7 +276,7 @@ class ValidationProbe:
         documents' rows; nothing of size D goes to the compute device.
     """
 
-    def __init__(self, gradients, docs_per_task, num_params: int, *, beta: float = 0.7, device=None):
+    def __init__(self, gradients, docs_per_task, num_params: int, *, beta: float = PROBE_BETA, device=None):
         counts = torch.as_tensor(docs_per_task, dtype=torch.float32)
         if counts.dim() != 1 or bool((counts < 0).any()):
             raise ValueError(

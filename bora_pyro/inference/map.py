@@ -20,7 +20,7 @@ from .checkpoint import Checkpointing
 from .elbo import SyncFreeTraceELBO
 from .loop import FitState, Stepper, eval_interval, run_steps
 from .curvature import FisherSampler, MonteCarloFisher
-from .hyper import LogTauAdam, ValidationData, ValidationProbe, global_response, implicit_tau_gradient
+from .hyper import PROBE_BETA, LogTauAdam, ValidationData, ValidationProbe, global_response, implicit_tau_gradient
 from .precision import FisherEstimate, evidence_terms, evidence_update
 from .rows import host_table
 
@@ -244,8 +244,12 @@ class MAPStepper(Stepper):
                     "or pass tau_method='evidence' (the Laplace evidence, no "
                     "validation data)."
                 )
+            #: validation minibatches per update; the probe's running curvature decays per
+            #: minibatch, so its memory is kept at about the last 3 updates' minibatches.
+            self.val_batches = train.tau_val_batches
             self.probe = ValidationProbe(
-                validation.gradients, validation.docs_per_task, model.num_params, device=self.table_device
+                validation.gradients, validation.docs_per_task, model.num_params,
+                beta=PROBE_BETA ** (1.0 / self.val_batches), device=self.table_device,
             )
             self.validation_batches = validation.batches
             self.log_tau = LogTauAdam(self.tau, lr=train.tau_lr)
@@ -365,53 +369,69 @@ class MAPStepper(Stepper):
             })
 
     def _validation_update(self, step: int) -> None:
-        """One Adam step of log tau down the implicit validation gradient (`hyper`).
+        """One Adam step of log tau down the implicit validation gradient (`hyper`), averaged
+        over ``train.tau_val_batches`` validation minibatches.
 
-        Dense steps: on the ``[D, P]`` point (on the compute device, where the dense step keeps
-        it). Sparse steps (`_sparse_validation_gradient`): on the K rows of the validation
-        minibatch's tasks, with the ``[D, P]`` work where the tables live."""
-        batch = next(self.validation_batches)
+        The probe runs on every minibatch first (adding their squared gradients to the running
+        curvature), then the implicit gradient of each minibatch's NLL is taken with the
+        curvature they leave, and the ``[G]`` gradients are averaged. Dense steps: on the
+        ``[D, P]`` point (on the compute device, where the dense step keeps it), the minibatches'
+        validation gradients summed first (the implicit gradient is linear in them). Sparse
+        steps (`_sparse_validation_gradient`): on the K rows of each minibatch's tasks, with the
+        ``[D, P]`` work (``dTheta/dtau``, once per update) where the tables live."""
+        batches = [next(self.validation_batches) for _ in range(self.val_batches)]
         if self.sparse:
-            grad = self._sparse_validation_gradient(batch)
+            grad = self._sparse_validation_gradient(batches)
         else:
             theta, theta_g = self.point()
-            batch = batch.to(self.device)
-            with self.amp():
-                val_grad = self.probe(theta, batch)
+            val_grad = None
+            for batch in batches:
+                with self.amp():
+                    part = self.probe(theta, batch.to(self.device))
+                val_grad = part if val_grad is None else val_grad.add_(part)
             grad = implicit_tau_gradient(
-                theta - theta_g, self.probe.curvature(), self.tau, self.model.group_index, val_grad)
+                theta - theta_g, self.probe.curvature(), self.tau, self.model.group_index,
+                val_grad / len(batches))
         self.tau = self.log_tau.step(grad).to(self.device, self.tau.dtype)
         self.tau_updates.append({"step": step, "tau": self.tau.tolist(), "grad": grad.tolist()})
 
-    def _sparse_validation_gradient(self, batch) -> torch.Tensor:
-        """``[G]`` ``dV / d log tau`` from the K tasks of the validation minibatch ``batch`` (on
-        the host), exact (`hyper` module docstring, "Which rows it needs").
+    def _sparse_validation_gradient(self, batches) -> torch.Tensor:
+        """``[G]`` ``dV / d log tau`` from the K tasks of each validation minibatch of
+        ``batches`` (on the host), exact (`hyper` module docstring, "Which rows it needs"),
+        averaged over the minibatches.
 
-        The K rows are gathered from the tables to the compute device (as `_sampler_inputs`
-        does for a training batch, the batch's task ids replaced by their positions among the
-        K, `TaskGroups`); the probe's pass runs on them and adds its ``[B, P]`` squared
-        gradients to its sums, which live with the tables. ``dTheta/dtau``, the one term over
-        every task, is summed where the tables live in blocks of `RESPONSE_BLOCK` entries
-        (`_response_blocks`). Only ``[K, P]`` rows and ``[P]`` / ``[G]`` vectors go to the
-        compute device: no ``[D, ...]`` tensor is created there.
+        For each minibatch the K rows are gathered from the tables to the compute device (as
+        `_sampler_inputs` does for a training batch, the batch's task ids replaced by their
+        positions among the K, `TaskGroups`); the probe's pass runs on them and adds its ``[B, P]``
+        squared gradients to its sums, which live with the tables. ``dTheta/dtau``, the one term
+        over every task, is summed once, after the passes, where the tables live in blocks of
+        `RESPONSE_BLOCK` entries (`_response_blocks`). Only ``[K, P]`` rows and ``[P]`` / ``[G]``
+        vectors go to the compute device: no ``[D, ...]`` tensor is created there.
         """
-        groups = getattr(batch, "groups", None)
-        if groups is None:
-            groups = task_groups(batch.task_ids)
         table = self.guide.tables[self.guide.task_name]
         at = table.device
-        stored = table.index_select(0, groups.tasks.to(at)).to(self.device)  # [K, P]
         theta_g = self.guide.global_adapter.detach()
-        offsets = stored if self.guide.offsets else stored - theta_g
-        rows = theta_g + stored if self.guide.offsets else stored
-        extra = {} if getattr(batch, "groups", None) is None else {"groups": groups.as_rows()}
-        local = replace(batch, task_ids=groups.local, **extra).to(self.device)
-        with self.amp():
-            val_grad = self.probe(rows.float(), local, task_ids=groups.tasks[groups.local])  # [K, P]
-        h = self.probe.curvature(groups.tasks.to(at)).to(self.device)
-        d_global = global_response(self._response_blocks(), self.tau.to(at), self.model.group_index.to(at))
-        return implicit_tau_gradient(offsets, h, self.tau, self.model.group_index, val_grad,
-                                     d_global=d_global.to(self.device))
+        passes = []
+        for batch in batches:
+            groups = getattr(batch, "groups", None)
+            if groups is None:
+                groups = task_groups(batch.task_ids)
+            stored = table.index_select(0, groups.tasks.to(at)).to(self.device)  # [K, P]
+            offsets = stored if self.guide.offsets else stored - theta_g
+            rows = theta_g + stored if self.guide.offsets else stored
+            extra = {} if getattr(batch, "groups", None) is None else {"groups": groups.as_rows()}
+            local = replace(batch, task_ids=groups.local, **extra).to(self.device)
+            with self.amp():
+                val_grad = self.probe(rows.float(), local, task_ids=groups.tasks[groups.local])  # [K, P]
+            passes.append((groups.tasks, offsets, val_grad))
+        d_global = global_response(
+            self._response_blocks(), self.tau.to(at), self.model.group_index.to(at)).to(self.device)
+        grad = None
+        for tasks, offsets, val_grad in passes:
+            h = self.probe.curvature(tasks.to(at)).to(self.device)
+            part = implicit_tau_gradient(offsets, h, self.tau, self.model.group_index, val_grad, d_global=d_global)
+            grad = part if grad is None else grad + part
+        return grad / len(passes)
 
     def _response_blocks(self):
         """``(offsets [b, P], curvature [b, P])`` of every task, in blocks of rows of at most
