@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from . import checks
 from .cli_args import add_options, given, optional_parser, set_option_defaults
-from .config import BoraConfig, DataConfig, TrainConfig, resolve_settings
+from .config import BoraConfig, DataConfig, TrainConfig, resolve_settings, split_seed
 
 __all__ = ["main", "build_parser", "DEMO"]
 
@@ -155,7 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fitted = time.perf_counter()
     subset = "all" if eval_docs is None else f"at most {eval_docs}"
     print(f"Evaluating on the test split ({subset} speeches per character) ...")
-    seed, progress = settings.train.seed, settings.train.progress
+    seed, progress = split_seed(settings.data, settings.train), settings.train.progress
     base = result.evaluate("test", adapters="base", max_docs_per_task=eval_docs, seed=seed, progress=progress)
     bora = result.evaluate("test", max_docs_per_task=eval_docs, seed=seed, progress=progress)
     print()

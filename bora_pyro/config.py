@@ -24,7 +24,8 @@ from typing import Any, ClassVar, Sequence
 from . import checks
 
 __all__ = [
-    "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "parse_tau", "parse_report_to",
+    "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "split_seed", "parse_tau",
+    "parse_report_to",
     "PRECISION_GROUPINGS", "PARAMETERIZATIONS", "LR_SCHEDULES", "AUTOCAST_CHOICES", "REPORT_TO_CHOICES",
     "TAU_CURVATURES", "TAU_METHODS", "TASK_STEPS", "ADAPTER_STORAGES",
 ]
@@ -178,7 +179,14 @@ class DataConfig(_Settings):
         Documents are truncated to this many tokens.
     test_size, validation_size
         Share of each task's documents held out for testing (0.33 as in the paper) and for
-        validation (early stopping), drawn with ``TrainConfig.seed``, stratified by task.
+        validation (early stopping), drawn with the split's seed, stratified by task.
+    split_seed
+        Seed of the train / validation / test split and of the evaluated subsets of its
+        documents (the early-stopping subset ``max_eval_docs_per_task``, a sweep's
+        ``eval_docs_per_task``); ``None`` (default): ``TrainConfig.seed``, which then seeds both
+        the split and the training. Fix it to repeat a fit on the same documents with other
+        training seeds (initialisation, batch order, draws), e.g. to see how much one
+        early-stopped run varies (`split_seed`).
     """
 
     kind: ClassVar[str] = "data setting"
@@ -199,6 +207,9 @@ class DataConfig(_Settings):
     test_size: float = field(default=0.33, metadata=_help("share of each task's documents held out for testing"))
     validation_size: float = field(
         default=0.1, metadata=_help("share of each task's documents held out for validation (early stopping)"))
+    split_seed: int | None = field(
+        default=None, metadata=_help("seed of the train/validation/test split and the evaluated subsets "
+                                     "(default: --seed); fix it to vary only the training seed"))
 
     def __post_init__(self) -> None:
         for name in ("task_column", "text_column"):
@@ -230,6 +241,8 @@ class DataConfig(_Settings):
             raise ValueError(f"max_length={self.max_length} leaves no token to predict; use at least 2.")
         self.test_size = checks.fraction("test_size", self.test_size)
         self.validation_size = checks.fraction("validation_size", self.validation_size)
+        if self.split_seed is not None:
+            self.split_seed = checks.non_negative_int("split_seed", self.split_seed)
         if self.test_size + self.validation_size >= 1:
             raise ValueError(
                 f"test_size + validation_size = {self.test_size + self.validation_size:g} leaves no "
@@ -616,6 +629,12 @@ def parse_report_to(value: Any) -> list[str] | None:
         return None
     return list(dict.fromkeys(names)) or None
 
+
+
+def split_seed(data: DataConfig, train: TrainConfig) -> int:
+    """The seed of the split and of its evaluated subsets: ``data.split_seed``, or ``train.seed``
+    when it is ``None``."""
+    return train.seed if data.split_seed is None else data.split_seed
 
 @dataclass(frozen=True)
 class Settings:

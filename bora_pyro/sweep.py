@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import checks
-from .config import BoraConfig, DataConfig, TrainConfig, parse_tau
+from .config import BoraConfig, DataConfig, TrainConfig, parse_tau, split_seed
 
 if TYPE_CHECKING:  # numpy, pandas and torch are imported where used: `bora --help` stays fast
     import numpy as np
@@ -329,7 +329,7 @@ class SweepResult:
         """Rank the sweep's fits the arviz way: ``az.compare`` over their held-out log-likelihood.
 
         Each saved fit (``out/fits/<label>``) is loaded and scored on the sweep's test documents
-        (the same subset as the tables: ``eval_docs_per_task`` per task, the config's seed),
+        (the same subset as the tables: ``eval_docs_per_task`` per task, the split's seed),
         one forward pass over them per fit (`bora_pyro.reports.heldout_log_likelihood`). The
         sweep's fits are MAP fits, one point each, so ``az.loo`` (which needs posterior draws)
         does not apply; and since the test documents were held out of every fit, none is
@@ -353,7 +353,7 @@ class SweepResult:
         extra
             More fits to rank with them, ``{name: InferenceData}`` scored on the same test
             documents (e.g. ``to_inference_data(svi_result, max_docs_per_task=
-            config.eval_docs_per_task, seed=config.train.seed)`` of an SVI fit of the same
+            config.eval_docs_per_task, seed=split_seed(config.data, config.train))`` of an SVI fit of the same
             corpus and split); the documents are checked.
         progress
             Show progress bars.
@@ -393,7 +393,7 @@ class SweepResult:
                                  device=device)
             fits[f"tau={label}"] = heldout_log_likelihood(
                 result, split="test", max_docs_per_task=self.config.eval_docs_per_task,
-                seed=self.config.train.seed, progress=progress,
+                seed=split_seed(self.config.data, self.config.train), progress=progress,
             )
         fits.update(extra or {})
         return compare_fits(fits, method=method)
@@ -619,9 +619,10 @@ def run_sweep(
                   "tokenizer": tokenizer, "device": device}
     # one tracked run per fit (with report_to): "<run_name or sweep-<name>>-tau=<label>"
     run_prefix = config.train.run_name or f"sweep-{config.name}"
-    eval_kwargs = dict(max_docs_per_task=config.eval_docs_per_task, seed=config.train.seed, progress=progress)
+    subsets = split_seed(config.data, config.train)  # the split's seed also picks the evaluated subsets
+    eval_kwargs = dict(max_docs_per_task=config.eval_docs_per_task, seed=subsets, progress=progress)
     val_kwargs = dict(max_docs_per_task=config.eval_docs_per_task or config.train.max_eval_docs_per_task,
-                      seed=config.train.seed, progress=progress)
+                      seed=subsets, progress=progress)
 
     def save_state() -> None:
         if not main:

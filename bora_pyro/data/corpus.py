@@ -382,7 +382,7 @@ def build_corpus(
     if isinstance(data, TaskCorpus):
         return data
     config = _data_config(config, settings)
-    seed = non_negative_int("seed", seed)
+    seed = non_negative_int("seed", seed if config.split_seed is None else config.split_seed)
     task_column, text_column = config.task_column, config.text_column
     prompt_column, completion_column = config.prompt_column, config.completion_column
     max_length, test_size, validation_size = (

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import distributed
-from ..config import BoraConfig, DataConfig, Settings, TrainConfig, resolve_settings
+from ..config import BoraConfig, DataConfig, Settings, TrainConfig, resolve_settings, split_seed
 from ..evaluation import per_task_nll
 from ..models.bora import BoraModel
 from ..models.builder import build_bora
@@ -389,7 +389,8 @@ class _Run:
         """The result, with its history and per-task validation table logged to ``trackers``."""
         result = self.result(state, fit_args)
         train = self.settings.train
-        log_fit_end(trackers, result, max_docs_per_task=train.max_eval_docs_per_task, seed=train.seed)
+        log_fit_end(trackers, result, max_docs_per_task=train.max_eval_docs_per_task,
+                    seed=split_seed(self.settings.data, train))
         return result
 
     def result(self, state: FitState, fit_args: dict) -> BoraResult:
@@ -456,7 +457,7 @@ def _prepare(
 
     all_validation = validation = corpus.split("validation")
     if train.max_eval_docs_per_task is not None and len(validation):
-        validation = validation.subset(train.max_eval_docs_per_task, seed=train.seed)
+        validation = validation.subset(train.max_eval_docs_per_task, seed=split_seed(settings.data, train))
     validate = None
     if len(validation):
         def validate(task_adapters: torch.Tensor) -> tuple[float, dict[str, float]]:
