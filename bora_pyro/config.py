@@ -413,20 +413,22 @@ class TrainConfig(_Settings):
         Shakespeare's speeches, 3x the real tokens per second of a padded step on the CPU).
         Needs a base model with SDPA or eager attention (``False`` for others, e.g. flash
         attention). Evaluation pads (it sorts documents by length, so little of it is padding).
-    tau_method, tau_lr
+    tau_method, tau_lr, tau_val_batches
         MAP with ``tau="learn"``: how tau is learned. ``"validation"``: empirical Bayes on the
         validation likelihood, log tau moved by Adam steps of size about ``tau_lr`` down the
-        implicit gradient of the validation NLL (`bora_pyro.inference.hyper`; needs validation
-        documents); ``"evidence"``: the Laplace evidence fixed point
-        (`bora_pyro.inference.precision`, no validation data); ``"auto"`` (default): the
-        validation likelihood when the fit has validation documents, else the evidence
-        (``fit_args["tau_method"]`` names the one that ran). On three splits each of
-        Shakespeare and of twelve KJV books, fits run to early stopping, the validation method
-        came within 1% of the test perplexity of a grid's best tau on four of six splits
-        (median 0.998x, worst 1.158x), the evidence on one (median 1.030x, worst 1.056x): the
-        Laplace evidence with a diagonal curvature prefers two to three decades less pooling
-        than held-out Shakespeare does (docs/learned-precision.md, section 8). SVI learns tau
-        by variational EM whatever this says.
+        implicit gradient of the validation NLL of ``tau_val_batches`` validation minibatches
+        per update (`bora_pyro.inference.hyper`; needs validation documents); ``"evidence"``:
+        the Laplace evidence fixed point (`bora_pyro.inference.precision`, no validation
+        data); ``"auto"`` (default): the validation likelihood when the fit has validation
+        documents, else the evidence (``fit_args["tau_method"]`` names the one that ran). On
+        three splits each of Shakespeare and of twelve KJV books, fits run to early stopping,
+        the validation method came within 1% of the test perplexity of a grid's best tau on
+        four of six splits (median 0.998x, worst 1.158x), the evidence on one (median 1.030x,
+        worst 1.056x): the Laplace evidence with a diagonal curvature prefers two to three
+        decades less pooling than held-out Shakespeare does (docs/learned-precision.md,
+        section 8). Averaging the gradient over ``tau_val_batches=4`` minibatches mended one
+        of the misses and caused two (section 9), so the default is 1. SVI learns tau by
+        variational EM whatever this says.
     tau_curvature, tau_curvature_batches
         MAP with ``tau="learn"`` and ``tau_method="evidence"``: the curvature ``h`` of the evidence update. ``"fisher"``
         (default): the diagonal true Fisher at the current adapters, a Monte-Carlo estimate

@@ -25,13 +25,16 @@ and tau falls; where the offset points uphill (the task fitted noise of its own 
 rises. For a Gaussian likelihood the curvature is exact and so is this gradient
 (`tests/inference/test_hyper.py` checks it against finite differences of the closed-form MAP).
 
-The gradient is estimated on one validation minibatch per update (`ValidationProbe`): one
-forward and one backward pass to the per-document adapter rows give the validation gradient of
-each task present and, squared, the curvature (``h_d = N_d`` times the average per-document
-squared gradient, running over updates; tasks without a validation document in the recent
-batches take the pooled average). log tau then takes one Adam step (`LogTauAdam`): the
+The gradient is estimated on ``tau_val_batches`` validation minibatches per update
+(`ValidationProbe`, default 1): for each, one forward and one backward pass to the per-document
+adapter rows give the validation gradient of each task present and, squared, the curvature
+(``h_d = N_d`` times the average per-document squared gradient, running over the last few
+minibatches; tasks without a validation document in them take the pooled average); the
+minibatches' gradients are averaged. log tau then takes one Adam step (`LogTauAdam`): the
 gradient's scale changes by orders of magnitude along a run, its sign and relative size are what
-matter.
+matter. Four minibatches instead of one mended one split of the `cpu` configuration and
+broke two (docs/learned-precision.md, section 9: with the noise averaged out, the early
+updates agree on too little pooling), so one stays the default.
 
 Which rows it needs. ``V`` is the NLL of the validation minibatch, which does not depend on the
 adapter of a task without a document in it: ``dV/dtheta_d = 0`` for those tasks, so the sum over

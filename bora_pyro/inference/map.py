@@ -32,7 +32,8 @@ SITE_OFFSETS = "task_offsets"
 #: Default share of a run's steps spent on the extra passes of ``tau_curvature="fisher"``.
 CURVATURE_BUDGET = 0.15
 #: Default updates per evaluation period of ``tau_method="validation"`` (each costs one forward
-#: and backward pass on a validation minibatch): ``tau_update_every = eval_every / 2.5``, so that
+#: and backward pass on each of ``tau_val_batches`` validation minibatches):
+#: ``tau_update_every = eval_every / 2.5``, so that
 #: tau has moved before the evaluations that pick the kept state (docs/learned-precision.md,
 #: section 8).
 VALIDATION_UPDATES_PER_EVAL = 2.5
@@ -143,14 +144,15 @@ class MAPStepper(Stepper):
         evaluations, `VALIDATION_UPDATES_PER_EVAL` = 2.5 per ``eval_every`` steps, the first
         after the first evaluation or a fifth of the run, whichever comes first; with the
         ``cpu`` sweep's evaluations every 25 steps, every 10 steps after 25), one forward and
-        backward pass on a validation minibatch gives each present task's validation gradient
-        and curvature (`hyper.ValidationProbe`), and log tau takes one Adam step
-        (``train.tau_lr``) down the implicit gradient of the validation NLL
-        (`hyper.implicit_tau_gradient`). Each update appends ``{"step", "tau", "grad"}``
-        (``grad = dV / d log tau`` per group) to `tau_updates`. Cost: one pass without
-        optimiser step per ``eval_every / 2.5`` steps (a tenth of the steps at the ``cpu``
-        sweep's schedule). With sparse steps the pass runs on the K rows of the validation
-        minibatch's tasks and the ``[D, P]`` work stays with the tables
+        backward pass on each of ``train.tau_val_batches`` validation minibatches gives each
+        present task's validation gradient and curvature (`hyper.ValidationProbe`), and log tau
+        takes one Adam step (``train.tau_lr``) down the implicit gradient of the validation NLL
+        (`hyper.implicit_tau_gradient`), averaged over the minibatches. Each update appends
+        ``{"step", "tau", "grad"}`` (``grad = dV / d log tau`` per group) to `tau_updates`.
+        Cost: ``tau_val_batches`` passes without optimiser step per ``eval_every / 2.5`` steps
+        (one pass per ten steps at the ``cpu`` sweep's schedule and the default 1). With
+        sparse steps each pass runs on the K rows of its minibatch's tasks and the ``[D, P]``
+        work (once per update) stays with the tables
         (`_sparse_validation_gradient`). Updates spread over the whole run (15 per
         ``max_steps``) came after the kept state of runs that stop early, and tau was still
         rising there (docs/learned-precision.md, sections 7 and 8). The implicit gradient
