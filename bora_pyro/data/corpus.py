@@ -484,6 +484,7 @@ def build_corpus(
         "test_size": float(test_size),
         "validation_size": float(validation_size),
         "seed": int(seed),
+        "split_seed": config.split_seed,
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
     }
     return TaskCorpus(

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import distributed
-from ..config import BoraConfig, DataConfig, Settings, TrainConfig, resolve_settings, split_seed
+from ..config import BoraConfig, DataConfig, Settings, TrainConfig, resolve_settings
 from ..evaluation import per_task_nll
 from ..models.bora import BoraModel
 from ..models.builder import build_bora
@@ -390,7 +390,7 @@ class _Run:
         result = self.result(state, fit_args)
         train = self.settings.train
         log_fit_end(trackers, result, max_docs_per_task=train.max_eval_docs_per_task,
-                    seed=split_seed(self.settings.data, train))
+                    seed=_subset_seed(self.corpus, train))
         return result
 
     def result(self, state: FitState, fit_args: dict) -> BoraResult:
@@ -410,6 +410,14 @@ class _Run:
             fit_args=fit_args,
             task_scales=state.task_scales,
         )
+
+
+def _subset_seed(corpus, train: TrainConfig) -> int:
+    """The seed of the evaluated subsets (early stopping, the trackers' table): the corpus's
+    ``split_seed`` when it was built with one (raw data and ``split_seed=``, or a `TaskCorpus`
+    built so), else the training seed (`config.split_seed`)."""
+    fixed = corpus.options.get("split_seed")
+    return train.seed if fixed is None else int(fixed)
 
 
 def _prepare(
@@ -457,7 +465,7 @@ def _prepare(
 
     all_validation = validation = corpus.split("validation")
     if train.max_eval_docs_per_task is not None and len(validation):
-        validation = validation.subset(train.max_eval_docs_per_task, seed=split_seed(settings.data, train))
+        validation = validation.subset(train.max_eval_docs_per_task, seed=_subset_seed(corpus, train))
     validate = None
     if len(validation):
         def validate(task_adapters: torch.Tensor) -> tuple[float, dict[str, float]]:

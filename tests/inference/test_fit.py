@@ -102,7 +102,23 @@ def test_split_seed_fixes_the_documents_while_the_training_seed_varies():
     assert docs(c, "test") != docs(d, "test") and docs(c, "test") == docs(fit(seed=2, split_seed=0), "test")
     with pytest.raises(ValueError, match=r"split_seed must be an integer >= 0, got split_seed=-1"):
         fit(split_seed=-1)
-    # the one rule every evaluated subset (early stopping, a sweep's tables, the demo) reads
+    # a corpus built with a split seed keeps it: fits of it pick their early-stopping subset
+    # with it whatever their training seed (as `bora sweep --split-seed` does)
+    from bora_pyro.data import TaskSplit
+
+    built = build_corpus(frame, char_tokenizer(), max_length=64, split_seed=5)
+    seeds, subset = [], TaskSplit.subset
+
+    def spy(self, max_docs_per_task, *, seed=0):
+        seeds.append(seed)
+        return subset(self, max_docs_per_task, seed=seed)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskSplit, "subset", spy)
+        for seed in (0, 1):
+            assert _fit(built, 50.0, max_steps=2, seed=seed, max_eval_docs_per_task=2).fit_args["split_seed"] == 5
+    assert seeds == [5, 5] and built.options["seed"] == 5
+    # the one rule the sweep's tables and the demo read
     from bora_pyro.config import DataConfig, TrainConfig, split_seed
 
     assert split_seed(DataConfig(split_seed=5), TrainConfig(seed=1)) == 5
