@@ -31,10 +31,11 @@ import torch
 
 
 def _gradients(result, batch_size: int, seed: int):
-    """``[n_batches, G]`` implicit gradients, one per validation minibatch, and the batch count."""
-    from bora_pyro.data import IGNORE_INDEX
-    from bora_pyro.inference.curvature import lm_logits, next_token_targets, per_document_gradients
-    from bora_pyro.inference.hyper import implicit_tau_gradient
+    """``[n_batches, G]`` implicit gradients, one per validation minibatch, and the group names.
+
+    The per-minibatch validation gradients and the curvature come from the fit's own
+    `ValidationProbe`, with ``beta=1`` (a plain average over the whole pass)."""
+    from bora_pyro.inference.hyper import ValidationData, ValidationProbe, implicit_tau_gradient
 
     split = result.corpus.split("validation")
     if not len(split):
@@ -45,22 +46,14 @@ def _gradients(result, batch_size: int, seed: int):
     names, group_index = result.lm.layout.group_index(result.config.precision_groups)
     group_index = group_index.to(device)
     tau = torch.tensor([result.tau[g] for g in names], dtype=torch.float32, device=device)
-    logits_fn = lm_logits(result.lm)
-    D, P = theta.shape
-    docs_per_task = torch.as_tensor(result.corpus.split("train").docs_per_task, dtype=torch.float32, device=device)
+    docs_per_task = result.corpus.split("train").docs_per_task
+    data = ValidationData.for_lm(result.lm, iter(()), docs_per_task)
+    probe = ValidationProbe(data.gradients, docs_per_task, theta.shape[1], beta=1.0, device=device)
     generator = torch.Generator().manual_seed(seed)
-    per_batch, sq, seen = [], torch.zeros(D, P, device=device), torch.zeros(D, device=device)
-    for batch in split.batches(min(batch_size, len(split)), shuffle=True, generator=generator,
-                               pack=result.fit_args.get("packing", True)):
-        batch = batch.to(device)
-        grads = per_document_gradients(logits_fn, theta, batch, sampled=False)  # [B, P]
-        count = int((next_token_targets(batch.labels) != IGNORE_INDEX).sum())
-        val_grad = torch.zeros(D, P, device=device).index_add_(0, batch.task_ids, grads / max(1, count))
-        per_batch.append(val_grad)
-        sq.index_add_(0, batch.task_ids, grads.square())
-        seen.index_add_(0, batch.task_ids, torch.ones(len(batch.task_ids), device=device))
-    pooled = sq.sum(0) / seen.sum()
-    curvature = torch.where((seen > 0)[:, None], sq / seen.clamp_min(1)[:, None], pooled) * docs_per_task[:, None]
+    per_batch = [probe(theta, batch.to(device))  # [D, P] each; adds the squared gradients
+                 for batch in split.batches(min(batch_size, len(split)), shuffle=True, generator=generator,
+                                            pack=result.fit_args.get("packing", True))]
+    curvature = probe.curvature()
     return torch.stack([implicit_tau_gradient(theta - theta_g, curvature, tau, group_index, v)
                         for v in per_batch]), list(names)
 
