@@ -41,9 +41,7 @@ def _data_and_settings(args) -> tuple[object, dict]:
     from bora_pyro.data import build_corpus
 
     config = SWEEP_CONFIGS["cpu"]()
-    kwargs = {**config.model.to_dict(), **config.train.to_dict()}
-    for name in ("version", "tau", "checkpoint_dir", "checkpoint_every", "resume"):
-        kwargs.pop(name, None)
+    kwargs = config.fit_keywords()
     kwargs.update(max_steps=args.steps, patience=None, seed=args.seed, progress=False, device=args.device)
     data_settings = {k: v for k, v in config.data.to_dict().items() if k != "tasks"}
     if args.tiny:
@@ -70,16 +68,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=1, help="pairs of fits, in alternating order")
     parser.add_argument("--tau", type=float, default=1e4, help="the fixed fit's tau")
     parser.add_argument("--tau-method", default="auto", choices=TAU_METHODS, help="the learned fit's method")
+    parser.add_argument("--tau-val-batches", type=int, default=1,
+                        help="the learned fit's validation minibatches per tau update (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny random LM on synthetic data (for tests)")
     parser.add_argument("--json", action="store_true", help="print the measurements as one JSON line at the end")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        parser.error(f"--steps and --rounds must be at least 1 (got {args.steps} and {args.rounds})")
+    if args.steps < 1 or args.rounds < 1 or args.tau_val_batches < 1:
+        parser.error(f"--steps, --rounds and --tau-val-batches must be at least 1 (got {args.steps}, "
+                     f"{args.rounds} and {args.tau_val_batches})")
 
     corpus, kwargs = _data_and_settings(args)
-    fits = {"learned": dict(tau="learn", tau_method=args.tau_method), "fixed": dict(tau=args.tau)}
+    fits = {"learned": dict(tau="learn", tau_method=args.tau_method, tau_val_batches=args.tau_val_batches),
+            "fixed": dict(tau=args.tau)}
     rows = []
     for r in range(args.rounds):
         order = ["learned", "fixed"] if r % 2 == 0 else ["fixed", "learned"]
@@ -92,6 +94,7 @@ def main(argv=None) -> dict:
             if name == "learned":
                 method, updates, tau = (result.fit_args["tau_method"], len(result.history["tau_update"]),
                                         result.tau)
+                val_batches = result.fit_args["tau_val_batches"]
         if ran["learned"] != ran["fixed"]:
             raise SystemExit(f"the fits ran {ran} steps; they must run the same number")
         rows.append({"round": r + 1, "first": order[0], "steps": ran["fixed"], **{f"{k}_s": v for k, v in seconds.items()},
@@ -99,11 +102,12 @@ def main(argv=None) -> dict:
     total = {k: sum(row[f"{k}_s"] for row in rows) for k in fits}
     out = {
         "rows": rows, "ratio": total["learned"] / total["fixed"], "tau_method": method, "tau_updates": updates,
+        "tau_val_batches": val_batches,
         "learned_tau": tau, "fixed_tau": args.tau, "settings": vars(args),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "bora_pyro": bora_pyro.__version__},
     }
-    print(f"learned tau ({method}, {updates} updates) vs tau = {args.tau:g}, {rows[0]['steps']} steps each, "
+    print(f"learned tau ({method}, {updates} updates of {val_batches} validation minibatch(es)) vs tau = {args.tau:g}, {rows[0]['steps']} steps each, "
           f"{torch.get_num_threads()} threads:")
     print(f"{'round':>5} {'first':>8} {'learned s':>10} {'fixed s':>9} {'learned s/step':>15} {'fixed s/step':>13} "
           f"{'ratio':>6}")

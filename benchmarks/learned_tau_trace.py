@@ -33,9 +33,8 @@ from bora_pyro.sweep import SWEEP_CONFIGS
 def _data_and_settings(args):
     """``(data, fit keywords)`` of the ``cpu`` sweep (or the tiny stand-in), with the arguments."""
     config = SWEEP_CONFIGS["cpu"]()
-    kwargs = {**config.data.to_dict(), **config.model.to_dict(), **config.train.to_dict()}
-    for name in ("version", "tau", "checkpoint_dir", "checkpoint_every", "resume"):
-        kwargs.pop(name, None)
+    data_settings = {k: v for k, v in config.data.to_dict().items() if k != "version"}
+    kwargs = {**data_settings, **config.fit_keywords()}
     kwargs.update(tau="learn", tau_init=args.tau_init, tau_method=args.tau_method, tau_lr=args.tau_lr,
                   tau_curvature=args.tau_curvature,
                   tau_curvature_batches=args.tau_curvature_batches, seed=args.seed,

@@ -175,6 +175,12 @@ class SweepConfig:
         top = {k: d.pop(k) for k in ("name", "characters", "eval_docs_per_task") if k in d}
         return cls(taus=taus, **top).with_overrides(**d)
 
+    def fit_keywords(self) -> dict[str, Any]:
+        """The model and training settings as flat `bora_pyro.fit_map` keywords: the fields of
+        ``model`` and ``train`` that differ from their defaults (the data settings shape the
+        corpus instead; ``tau`` and the checkpoints are what the sweep sets per fit)."""
+        return {**_changed(self.model), **_changed(self.train)}
+
     def settings(self) -> dict[str, Any]:
         """Every setting that shapes the fits, as one flat JSON-able dict: what a sweep folder
         records and compares when it is continued (not the name, the grid, or where it runs)."""
@@ -615,8 +621,7 @@ def run_sweep(
     data_settings = {k: v for k, v in config.data.to_dict().items() if k != "tasks"}
     corpus = build_corpus(data, tokenizer, tasks=tasks, seed=config.train.seed, **data_settings)
     # model and training settings as flat keywords (the data settings shaped the corpus)
-    fit_kwargs = {**_changed(config.model), **_changed(config.train), "model": base,
-                  "tokenizer": tokenizer, "device": device}
+    fit_kwargs = {**config.fit_keywords(), "model": base, "tokenizer": tokenizer, "device": device}
     # one tracked run per fit (with report_to): "<run_name or sweep-<name>>-tau=<label>"
     run_prefix = config.train.run_name or f"sweep-{config.name}"
     subsets = split_seed(config.data, config.train)  # the split's seed also picks the evaluated subsets

@@ -221,3 +221,16 @@ def test_config_overrides_name_fields_of_every_part_and_round_trip():
         SweepConfig(name="x", train=TrainConfig(checkpoint_dir="ckpt"))
     with pytest.raises(ValueError, match="eval_docs_per_task must be a positive integer or None"):
         TINY.with_overrides(eval_docs_per_task=0)
+
+
+def test_fit_keywords_are_the_changed_model_and_training_settings():
+    cpu = SWEEP_CONFIGS["cpu"]()
+    # what the cpu config changes (alpha 16, batch 8 and patience 3 are the defaults), and nothing
+    # the sweep sets per fit or that shapes the corpus
+    assert cpu.fit_keywords() == {"target_modules": ["q_proj", "v_proj"], "max_steps": 600, "lr": 2e-3,
+                                  "eval_every": 25, "max_eval_docs_per_task": 4}
+    changed = cpu.with_overrides(rank=4, tau_val_batches=4, max_length=32, split_seed=3).fit_keywords()
+    assert changed["rank"] == 4 and changed["tau_val_batches"] == 4
+    assert not {"max_length", "split_seed", "tau", "checkpoint_dir", "resume", "version"} & set(changed)
+    assert set(changed) <= set(BoraConfig.field_names()) | set(TrainConfig.field_names())
+    assert SweepConfig(name="plain").fit_keywords() == {}
