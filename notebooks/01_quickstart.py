@@ -90,9 +90,11 @@ data.head(3)
 # LoRA adapter per character (rank 8, on the attention projections `q_proj` and `v_proj`) and
 # maximises the log posterior with AdamW on minibatches that mix characters.
 #
-# `tau="learn"` estimates the prior precision from the data (by the evidence, one tau for all
-# LoRA `A` matrices and one for all `B` matrices) instead of fixing it. The validation perplexity
-# is measured every `eval_every` steps and the best state is kept.
+# `tau="learn"` estimates the prior precision from the data instead of fixing it: one tau for all
+# LoRA `A` matrices and one for all `B` matrices, moved during the fit down the gradient of the
+# validation speeches' likelihood (`tau_method="auto"`, which is the validation method when there
+# are validation speeches and the evidence otherwise; docs/learned-precision.md). The validation
+# perplexity is measured every `eval_every` steps and the best state is kept.
 
 # %%
 result = bora_pyro.fit_map(
