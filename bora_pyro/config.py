@@ -429,6 +429,13 @@ class TrainConfig(_Settings):
         section 8). Averaging the gradient over ``tau_val_batches=4`` minibatches mended one
         of the misses and caused two (section 9), so the default is 1. SVI learns tau by
         variational EM whatever this says.
+    tau_shift_moments
+        MAP with ``tau="learn"``: after every change of tau, shift AdamW's first and second
+        moments of the task offsets (or adapters) by the change ``(tau_new - tau_old) (theta_d -
+        Theta)`` of the prior's gradient, keeping the gradient's variance they estimate
+        (`bora_pyro.inference.hyper.shift_adam_moments`). Without it a tau that rises k-fold
+        makes AdamW take steps up to k times its usual size on the entries the prior dominates,
+        until its slow second moment catches up (docs/learned-precision.md, section 10).
     tau_curvature, tau_curvature_batches
         MAP with ``tau="learn"`` and ``tau_method="evidence"``: the curvature ``h`` of the evidence update. ``"fisher"``
         (default): the diagonal true Fisher at the current adapters, a Monte-Carlo estimate
@@ -525,6 +532,10 @@ class TrainConfig(_Settings):
     tau_val_batches: int = field(
         default=1, metadata=_help("MAP, learned tau, tau_method='validation': validation minibatches (forward "
                                   "and backward passes) averaged in each update's gradient"))
+    tau_shift_moments: bool = field(
+        default=False, metadata=_help("MAP, learned tau: when tau changes, shift AdamW's moments of the offsets "
+                                      "by the change of the prior's gradient, so that a rising tau does not "
+                                      "take oversized steps"))
     tau_curvature: str = field(
         default="fisher", metadata=_help("MAP, learned tau: curvature of the evidence update (true Fisher at the "
                                          "current adapters, or the running empirical Fisher)",
@@ -593,6 +604,8 @@ class TrainConfig(_Settings):
         self.laplace_passes = checks.positive_int("laplace_passes", self.laplace_passes)
         if not isinstance(self.packing, bool):
             raise ValueError(f"packing must be True or False, got packing={self.packing!r}.")
+        if not isinstance(self.tau_shift_moments, bool):
+            raise ValueError(f"tau_shift_moments must be True or False, got tau_shift_moments={self.tau_shift_moments!r}.")
         checks.choice("tau_curvature", self.tau_curvature, TAU_CURVATURES)
         self.tau_curvature_batches = checks.optional_positive_int(
             "tau_curvature_batches", self.tau_curvature_batches, none_means="15% of the run's steps")

@@ -67,7 +67,8 @@ import torch
 from ..data import IGNORE_INDEX
 from .curvature import lm_logits, next_token_targets, per_document_gradients
 
-__all__ = ["PROBE_BETA", "global_response", "implicit_tau_gradient", "LogTauAdam", "ValidationData", "ValidationProbe"]
+__all__ = ["PROBE_BETA", "global_response", "implicit_tau_gradient", "shift_adam_moments", "LogTauAdam",
+           "ValidationData", "ValidationProbe"]
 
 
 #: `ValidationProbe`'s default decay of its running curvature per minibatch: about the last 3.
@@ -194,6 +195,51 @@ def implicit_tau_gradient(
     return torch.zeros(tau.shape[0], dtype=per_param.dtype, device=per_param.device).index_add_(
         0, group_index, per_param
     )
+
+
+@torch.no_grad()
+def shift_adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps, delta: torch.Tensor,
+                       betas=(0.9, 0.999)) -> None:
+    r"""Shift Adam(W)'s moments, in place, for a loss whose gradient has just changed by ``delta``.
+
+    A change of tau changes the prior's gradient on the offsets ``delta_d = theta_d - Theta`` by
+    ``(tau_new - tau_old) delta_d``, exactly and for every later step. Adam's second moment
+    averages the squared gradient over about ``1 / (1 - beta2)`` steps (1000), so after a k-fold
+    rise of tau the entries the prior dominates see a gradient k times larger than the one
+    their second moment remembers, and take steps up to k times Adam's usual size until it
+    catches up. This moves the moments to those of the new gradient, keeping the variance they
+    estimate::
+
+        m^ = m / (1 - beta1^t),  v^ = v / (1 - beta2^t)          (the bias-corrected moments)
+        m^' = m^ + delta,        v^' = max(v^ - m^^2, 0) + m^'^2
+
+    and stores them back with the same bias factors (so Adam's next step reads ``m^'`` and
+    ``v^'``). With a constant gradient ``g`` this gives exactly the moments of a constant
+    ``g + delta``. Rows whose step count is 0 (never updated) are left alone.
+
+    Parameters
+    ----------
+    exp_avg, exp_avg_sq
+        ``[R, P]`` Adam's raw moments (as `torch.optim.AdamW` and `rows.LazyAdamW` store them).
+    steps
+        Adam's step count: a number or 0-dim tensor, or ``[R]`` per row (`rows.LazyAdamW`).
+    delta
+        ``[R, P]`` change of the loss gradient.
+    betas
+        Adam's ``(beta1, beta2)``.
+    """
+    beta1, beta2 = betas
+    t = torch.as_tensor(steps, dtype=torch.float64, device=exp_avg.device)
+    t = t.reshape(-1, 1) if t.dim() else t
+    bias1 = (1 - torch.pow(torch.tensor(beta1, dtype=torch.float64, device=t.device), t)).to(exp_avg.dtype)
+    bias2 = (1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=t.device), t)).to(exp_avg.dtype)
+    seen = bias1 > 0
+    m_hat = exp_avg / bias1.clamp_min(torch.finfo(exp_avg.dtype).tiny)
+    v_hat = exp_avg_sq / bias2.clamp_min(torch.finfo(exp_avg.dtype).tiny)
+    variance = (v_hat - m_hat.square()).clamp_min_(0)
+    m_new = m_hat + delta.to(exp_avg.dtype)
+    exp_avg.copy_(torch.where(seen, m_new * bias1, exp_avg))
+    exp_avg_sq.copy_(torch.where(seen, (variance + m_new.square()) * bias2, exp_avg_sq))
 
 
 class LogTauAdam:

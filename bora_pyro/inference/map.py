@@ -20,7 +20,10 @@ from .checkpoint import Checkpointing
 from .elbo import SyncFreeTraceELBO
 from .loop import FitState, Stepper, eval_interval, run_steps
 from .curvature import FisherSampler, MonteCarloFisher
-from .hyper import PROBE_BETA, LogTauAdam, ValidationData, ValidationProbe, global_response, implicit_tau_gradient
+from .hyper import (
+    PROBE_BETA, LogTauAdam, ValidationData, ValidationProbe, global_response, implicit_tau_gradient,
+    shift_adam_moments,
+)
 from .precision import FisherEstimate, evidence_terms, evidence_update
 from .rows import host_table
 
@@ -238,6 +241,12 @@ class MAPStepper(Stepper):
         #: runs: with the tables (host memory with ``adapter_storage="host"``), so that device
         #: bytes do not grow with D.
         self.table_device = self.storage if self.storage is not None else self.device
+        if self.learn and train.tau_shift_moments and self.sparse:
+            raise ValueError(
+                "tau_shift_moments=True is implemented for dense steps only (sparse steps scale the "
+                "prior of each step's tasks, and keep their moments per row); pass task_step='dense', "
+                "or tau_shift_moments=False."
+            )
         if self.learn and by_validation:
             if validation is None:
                 raise ValueError(
@@ -365,7 +374,9 @@ class MAPStepper(Stepper):
         at = theta.device
         theta_g, h, tau, groups = theta_g.to(at), h.to(at), self.tau.to(at), self.model.group_index.to(at)
         gamma, S = evidence_terms(theta, theta_g, h, tau, groups)
+        old = self.tau
         self.tau = evidence_update(theta, theta_g, h, tau, groups, prior=self.model.config.tau_prior).to(self.device)
+        self._shift_moments(old)
         self.tau_updates.append({
                 "step": step, "tau": self.tau.tolist(), "gamma": gamma.tolist(), "S": S.tolist(),
             })
@@ -394,8 +405,32 @@ class MAPStepper(Stepper):
             grad = implicit_tau_gradient(
                 theta - theta_g, self.probe.curvature(), self.tau, self.model.group_index,
                 val_grad / len(batches))
+        old = self.tau
         self.tau = self.log_tau.step(grad).to(self.device, self.tau.dtype)
+        self._shift_moments(old)
         self.tau_updates.append({"step": step, "tau": self.tau.tolist(), "grad": grad.tolist()})
+
+    @torch.no_grad()
+    def _shift_moments(self, old_tau: torch.Tensor) -> None:
+        """With ``train.tau_shift_moments``: AdamW's moments of the task parameter (and, with
+        the centered parameterisation, of ``Theta``) moved to the prior's gradient at the new
+        tau (`hyper.shift_adam_moments`). Dense steps only (checked in ``__init__``)."""
+        if not self.train.tau_shift_moments:
+            return
+        change = (self.tau - old_tau.to(self.tau.device, self.tau.dtype))[self.model.group_index.to(self.device)]
+        param = self.guide.task_parameter
+        state = self.optimizer.state.get(param)
+        if not state or not bool((change != 0).any()):
+            return
+        betas = next(g["betas"] for g in self.optimizer.param_groups if any(p is param for p in g["params"]))
+        theta_g = self.guide.global_adapter
+        offsets = param.detach() if self.guide.offsets or theta_g is None else param.detach() - theta_g.detach()
+        delta = change * offsets  # d/d(theta_d) of (tau / 2) |theta_d - Theta|^2 changes by this
+        shift_adam_moments(state["exp_avg"], state["exp_avg_sq"], state["step"], delta, betas)
+        if not self.guide.offsets and theta_g is not None and self.optimizer.state.get(theta_g):
+            g_state = self.optimizer.state[theta_g]
+            shift_adam_moments(g_state["exp_avg"].view(1, -1), g_state["exp_avg_sq"].view(1, -1), g_state["step"],
+                               -delta.sum(0, keepdim=True), betas)
 
     def _sparse_validation_gradient(self, batches) -> torch.Tensor:
         """``[G]`` ``dV / d log tau`` from the K tasks of each validation minibatch of

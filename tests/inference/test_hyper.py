@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from bora_pyro.inference.hyper import LogTauAdam, ValidationProbe, global_response, implicit_tau_gradient
+from bora_pyro.inference.hyper import (
+    LogTauAdam, ValidationProbe, global_response, implicit_tau_gradient, shift_adam_moments,
+)
 
 
 def _gaussian_problem(seed=0, D=5, P=7):
@@ -287,3 +289,90 @@ def test_dense_validation_tau_history_is_unchanged():
     )
     taus = [u["tau"][0] for u in result.history["tau_update"]]
     assert taus == pytest.approx(DENSE_TAU_HISTORY, rel=1e-6, abs=0), taus
+
+
+def test_shift_adam_moments_gives_the_moments_of_the_shifted_gradient():
+    """Closed form: Adam fed a constant gradient g for t steps holds m = g (1 - b1^t) and
+    v = g^2 (1 - b2^t); after the shift by delta it holds exactly those of g + delta (the
+    variance it estimates is 0 and stays 0). With a noisy gradient the estimated variance
+    ``v^ - m^^2`` is kept. Rows never stepped (per-row counts of 0) are left alone. Tolerance:
+    float32 rounding (1e-6 relative, 1e-6 absolute where the shifted mean is 0)."""
+    betas = (0.9, 0.999)
+    g = torch.tensor([[0.5, -2.0, 3.0], [1.0, 0.0, -1.0]])
+    delta = torch.tensor([[4.0, 1.0, -3.0], [-0.5, 2.0, 0.0]])
+    param = torch.nn.Parameter(torch.zeros(2, 3))
+    opt = torch.optim.AdamW([param], lr=1e-3, betas=betas, weight_decay=0.0)
+    for _ in range(37):
+        param.grad = g.clone()
+        opt.step()
+    state = opt.state[param]
+    shift_adam_moments(state["exp_avg"], state["exp_avg_sq"], state["step"], delta, betas)
+    t = 37
+    assert torch.allclose(state["exp_avg"], (g + delta) * (1 - betas[0] ** t), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(state["exp_avg_sq"], (g + delta) ** 2 * (1 - betas[1] ** t), rtol=1e-6, atol=1e-6)
+    # a noisy gradient: the bias-corrected variance v^ - m^^2 is kept, the mean moves by delta
+    m, v = torch.tensor([[0.2, -0.1]]), torch.tensor([[0.3, 0.5]])
+    t = torch.tensor([5.0])
+    b1, b2 = 1 - 0.9 ** 5, 1 - 0.999 ** 5
+    m_hat, v_hat = m / b1, v / b2
+    shift = torch.tensor([[1.0, -2.0]])
+    shift_adam_moments(m, v, t, shift, betas)
+    assert torch.allclose(m / b1, m_hat + shift, rtol=1e-6)
+    assert torch.allclose(v / b2 - (m / b1) ** 2, v_hat - m_hat ** 2, rtol=1e-5)
+    # per-row counts: a row never stepped keeps its zeros
+    m, v = torch.zeros(2, 2), torch.zeros(2, 2)
+    m[0], v[0] = 0.1, 0.02
+    shift_adam_moments(m, v, torch.tensor([3.0, 0.0]), torch.ones(2, 2), betas)
+    assert (m[1] == 0).all() and (v[1] == 0).all() and (m[0] != 0.1).all()
+
+
+@pytest.mark.parametrize("parameterization", ["offset", "centered"])
+def test_fit_map_shifts_the_moments_by_the_change_of_the_prior_gradient(parameterization, monkeypatch):
+    """``tau_shift_moments=True``: at every tau update the stepper shifts AdamW's moments by
+    exactly the change of the loss gradient that the new tau makes. Checked against autograd:
+    the gradient of the training loss on one minibatch at the old and the new tau, at the same
+    adapters, differs by the ``delta`` handed to `shift_adam_moments` (to 1e-4 of its size: the
+    prior is the only term that reads tau). Before the first update the fit is the same as
+    without the option, and sparse steps refuse it with a message that names the way out."""
+    import bora_pyro
+    import bora_pyro.inference.map as map_module
+    from bora_pyro.testing import generated_corpus
+
+    seen = []
+    original = map_module.MAPStepper._shift_moments
+
+    def spy(self, old_tau):
+        if not seen:  # the first update: compare the delta with autograd's gradients
+            batch = self.prepare(self._batch)
+            grads = []
+            for tau in (old_tau, self.tau):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.elbo.differentiable_loss(self.model, self.guide, batch, tau=tau)
+                loss.backward()
+                grads.append(self.guide.task_parameter.grad.clone())
+            self.optimizer.zero_grad(set_to_none=True)
+            calls = []
+            monkeypatch.setattr(map_module, "shift_adam_moments", lambda m, v, t, d, b: calls.append(d.clone()))
+            original(self, old_tau)
+            monkeypatch.undo()
+            seen.append((grads[1] - grads[0], calls[0]))
+        original(self, old_tau)
+
+    monkeypatch.setattr(map_module.MAPStepper, "_shift_moments", spy)
+    corpus, base, tok = generated_corpus(4.0, validation_size=0.2)
+    settings = dict(model=base, tokenizer=tok, tau="learn", tau_init=1e3, max_steps=40, lr=2e-2, batch_size=16,
+                    rank=2, alpha=4, target_modules=["lm_head"], precision_groups="ab", device="cpu",
+                    progress=False, patience=None, tau_warmup=10, tau_update_every=10, task_step="dense",
+                    parameterization=parameterization)
+    shifted = bora_pyro.fit_map(corpus, tau_shift_moments=True, **settings)
+    autograd_change, delta = seen[0]
+    assert delta.abs().max() > 0
+    assert torch.allclose(delta, autograd_change, atol=1e-4 * float(delta.abs().max()), rtol=0)
+    assert shifted.fit_args["tau_shift_moments"] is True
+    monkeypatch.undo()
+    plain = bora_pyro.fit_map(corpus, **settings)
+    first = shifted.history["tau_update"][0]["step"]
+    assert shifted.history["train_nll"][: first + 1] == plain.history["train_nll"][: first + 1]
+    assert shifted.history["train_nll"][first + 1:] != plain.history["train_nll"][first + 1:]
+    with pytest.raises(ValueError, match=r"tau_shift_moments=True is implemented for dense steps.*task_step='dense'"):
+        bora_pyro.fit_map(corpus, **{**settings, "task_step": "sparse", "tau_shift_moments": True, "max_steps": 2})
