@@ -27,8 +27,13 @@ __all__ = [
     "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "split_seed", "parse_tau",
     "parse_report_to",
     "PRECISION_GROUPINGS", "PARAMETERIZATIONS", "LR_SCHEDULES", "AUTOCAST_CHOICES", "REPORT_TO_CHOICES",
-    "TAU_CURVATURES", "TAU_METHODS", "TASK_STEPS", "ADAPTER_STORAGES",
+    "TAU_CURVATURES", "TAU_METHODS", "TASK_STEPS", "ADAPTER_STORAGES", "TAU_INIT", "VALIDATION_TAU_INIT",
 ]
+
+#: Starting value of a learned tau when ``tau_init`` is not given: the evidence (MAP) and SVI.
+TAU_INIT = 1e3
+#: ... and when MAP's validation method learns it (docs/learned-precision.md, section 10).
+VALIDATION_TAU_INIT = 1e4
 
 #: How parameters may share a precision: one tau for all, one for all A and one for all B, or
 #: one per (module kind, A|B), e.g. ``q_proj.A``.
@@ -274,7 +279,11 @@ class BoraConfig(_Settings):
     tau_prior
         ``(concentration, rate)`` of the Gamma hyperprior on each learned tau.
     tau_init
-        Starting value of a learned tau.
+        Starting value of a learned tau; ``None`` (default): the method's, `VALIDATION_TAU_INIT`
+        (1e4) for MAP's validation method, `TAU_INIT` (1e3) for the evidence and SVI. From 1e3
+        the validation method spends the early steps at a low tau, where the fit learns more
+        slowly, and lost 10-19% test perplexity on a Shakespeare split on every training seed;
+        from 1e4 it did not (docs/learned-precision.md, section 10).
     version
         The bora_pyro version that made the config (filled in automatically).
     """
@@ -296,7 +305,8 @@ class BoraConfig(_Settings):
     tau_prior: tuple[float, float] = field(
         default=(1.0, 1e-3), metadata=_help("Gamma(concentration, rate) hyperprior of a learned tau",
                                             metavar=("CONCENTRATION", "RATE")))
-    tau_init: float = field(default=1e3, metadata=_help("starting value of a learned tau"))
+    tau_init: float | None = field(default=None, metadata=_help(
+        "starting value of a learned tau (default: 1e4 for MAP's validation method, else 1e3)"))
     version: str = field(default="", metadata=_help("bora_pyro version that made the config", cli=None))
 
     def __post_init__(self) -> None:
@@ -326,7 +336,8 @@ class BoraConfig(_Settings):
                 f"tau_prior=(concentration, rate)={self.tau_prior!r} needs concentration > 0 and rate >= 0."
             )
         self.tau_prior = (a, b)
-        self.tau_init = checks.positive_number("tau_init", self.tau_init)
+        if self.tau_init is not None:
+            self.tau_init = checks.positive_number("tau_init", self.tau_init)
         self.version = self.version or __version__
 
     @property
@@ -422,13 +433,14 @@ class TrainConfig(_Settings):
         data); ``"auto"`` (default): the validation likelihood when the fit has validation
         documents, else the evidence (``fit_args["tau_method"]`` names the one that ran). On
         three splits each of Shakespeare and of twelve KJV books, fits run to early stopping,
-        the validation method came within 1% of the test perplexity of a grid's best tau on
-        four of six splits (median 0.998x, worst 1.158x), the evidence on one (median 1.030x,
-        worst 1.056x): the Laplace evidence with a diagonal curvature prefers two to three
-        decades less pooling than held-out Shakespeare does (docs/learned-precision.md,
-        section 8). Averaging the gradient over ``tau_val_batches=4`` minibatches mended one
-        of the misses and caused two (section 9), so the default is 1. SVI learns tau by
-        variational EM whatever this says.
+        the validation method started at 1e4 (the default ``tau_init``) came within 2.3% of
+        the test perplexity of a grid's best tau on five of six splits, from 1e3 within 1% on
+        four but 16% off on one (and 10-19% off there on every training seed); the evidence
+        within 1% on one (median 1.030x, worst 1.056x): the Laplace evidence with a diagonal
+        curvature prefers two to three decades less pooling than held-out Shakespeare does
+        (docs/learned-precision.md, sections 8 and 10). Averaging the gradient over
+        ``tau_val_batches=4`` minibatches mended one of the misses and caused two (section 9),
+        so the default is 1. SVI learns tau by variational EM whatever this says.
     tau_shift_moments
         MAP with ``tau="learn"``: after every change of tau, shift AdamW's first and second
         moments of the task offsets (or adapters) by the change ``(tau_new - tau_old) (theta_d -

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import checks, distributed
-from ..config import PARAMETERIZATIONS, TrainConfig
+from ..config import PARAMETERIZATIONS, VALIDATION_TAU_INIT, TrainConfig
 from ..data.batches import task_groups
 from ..models.bora import SITE_GLOBAL, SITE_TASKS, BoraModel, TaskSubsample
 from ..models.prior import PointMass
@@ -263,6 +263,8 @@ class MAPStepper(Stepper):
                 beta=PROBE_BETA ** (1.0 / self.val_batches), device=self.table_device,
             )
             self.validation_batches = validation.batches
+            if model.config.tau_init is None:  # the validation method's own start (config.VALIDATION_TAU_INIT)
+                self.tau = torch.full_like(self.tau, VALIDATION_TAU_INIT)
             self.log_tau = LogTauAdam(self.tau, lr=train.tau_lr)
         updates = max(0, self.steps - self.tau_warmup) // self.tau_update_every
         batches = train.tau_curvature_batches

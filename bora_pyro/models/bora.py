@@ -47,7 +47,7 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
-from ..config import BoraConfig
+from ..config import TAU_INIT, BoraConfig
 from .prior import TaskPrior
 
 __all__ = [
@@ -209,7 +209,7 @@ class BoraModel(nn.Module):
             return torch.tensor([config.tau[g] for g in self.group_names])
         if isinstance(config.tau, float):
             return torch.full((G,), config.tau)
-        return torch.full((G,), config.tau_init)
+        return torch.full((G,), TAU_INIT if config.tau_init is None else config.tau_init)
 
     @property
     def num_groups(self) -> int:

@@ -376,3 +376,23 @@ def test_fit_map_shifts_the_moments_by_the_change_of_the_prior_gradient(paramete
     assert shifted.history["train_nll"][first + 1:] != plain.history["train_nll"][first + 1:]
     with pytest.raises(ValueError, match=r"tau_shift_moments=True is implemented for dense steps.*task_step='dense'"):
         bora_pyro.fit_map(corpus, **{**settings, "task_step": "sparse", "tau_shift_moments": True, "max_steps": 2})
+
+
+def test_a_learned_tau_starts_where_its_method_does_unless_tau_init_is_given():
+    """``tau_init=None`` (the default): MAP's validation method starts at
+    `config.VALIDATION_TAU_INIT` (1e4), the evidence at `config.TAU_INIT` (1e3); a given
+    ``tau_init`` is where either starts. The config keeps ``None``, so a saved fit says that the
+    method chose."""
+    import bora_pyro
+    from bora_pyro.config import TAU_INIT, VALIDATION_TAU_INIT
+    from bora_pyro.testing import generated_corpus
+
+    corpus, base, tok = generated_corpus(4.0, validation_size=0.2)
+    small = dict(model=base, tokenizer=tok, tau="learn", max_steps=3, batch_size=16, rank=2, alpha=4,
+                 target_modules=["lm_head"], device="cpu", progress=False, patience=None, tau_warmup=10)
+    assert (TAU_INIT, VALIDATION_TAU_INIT) == (1e3, 1e4)
+    for method, start in (("validation", VALIDATION_TAU_INIT), ("evidence", TAU_INIT)):
+        default = bora_pyro.fit_map(corpus, tau_method=method, **small)
+        assert default.history["tau"][0] == [start, start] and default.config.tau_init is None
+        given = bora_pyro.fit_map(corpus, tau_method=method, tau_init=300.0, **small)
+        assert given.history["tau"][0] == [300.0, 300.0]
