@@ -28,7 +28,9 @@ RTOL, ATOL = 1e-4, 1e-5
 
 SCENARIOS = {
     "map_fixed": dict(method="map", tau=100.0),
-    "map_learned": dict(method="map", tau="learn", tau_curvature="empirical", tau_warmup=1, tau_update_every=2),
+    # tau_init: the start these tolerances were set for (the validation method's default is 1e4)
+    "map_learned": dict(method="map", tau="learn", tau_init=1e3, tau_curvature="empirical", tau_warmup=1,
+                        tau_update_every=2),
     "map_learned_fisher": dict(method="map", tau="learn", tau_warmup=1, tau_update_every=2),
     "svi": dict(method="svi", tau=100.0, num_particles=2),
 }
