@@ -33,8 +33,8 @@
 # (`scale_lr`). So even a short run reports intervals of the right order; they widen as a task's
 # training data shrink (see `docs/map-vs-svi.md` for the tiny-LM check against exact Laplace sds).
 #
-# Run time: sized to finish in under 15 minutes on a 2-core CPU (12 characters, short fits); the
-# numbers are those of short runs, not of converged fits.
+# Run time: about 20 minutes on a 2-core CPU (12 characters, short fits; 19.5 min on 2026-12-03);
+# the numbers are those of short runs, not of converged fits.
 
 # %% [markdown]
 # ## Settings
