@@ -242,11 +242,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print()
     print(sweep.overall_markdown())
     print()
-    best, finite = sweep.best(), sweep.best_finite()
-    wins = sweep.wins(finite)
-    n = len(sweep.per_task)
-    print(f"best tau on validation: {best}; best finite tau: {finite}, " + "; ".join(
-        f"better than {k[3:]} on {v} of {n} tasks" for k, v in wins.items()))
+    if sweep.fixed:
+        best, finite = sweep.best(), sweep.best_finite()
+        wins = sweep.wins(finite)
+        n = len(sweep.per_task)
+        print(f"best tau on validation: {best}; best finite tau: {finite}, " + "; ".join(
+            f"better than {k[3:]} on {v} of {n} tasks" for k, v in wins.items()))
+    else:
+        print("no fixed tau in --taus, so no best one to compare with the learned tau")
     print(f"tables, figures and summary.md in {sweep.out} ({time.perf_counter() - start:.0f} s)")
     return 0
 

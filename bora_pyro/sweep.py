@@ -282,6 +282,12 @@ class SweepResult:
         """Labels of the fitted precisions, in grid order."""
         return [r for r in self.overall["tau"] if r != "base"]
 
+    @property
+    def fixed(self) -> list[str]:
+        """Labels of the fixed-tau fits (0 and inf included), in grid order: what `best` chooses
+        from. Empty for a sweep of the learned tau alone (``taus=["learn"]``)."""
+        return [t for t in self.fitted if t != "learn"]
+
     def best(self, by: str = "validation", *, finite: bool = False) -> str:
         """Label of the fixed tau (0 and inf included) with the lowest overall perplexity.
 
@@ -293,7 +299,8 @@ class SweepResult:
         excluded = ["base", "learn"] + (["0", "inf"] if finite else [])
         fixed = self.overall[~self.overall["tau"].isin(excluded)]
         if fixed.empty:
-            raise ValueError(f"The sweep has no {'finite ' if finite else ''}fixed-tau fit to choose from.")
+            raise ValueError(f"The sweep has no {'finite ' if finite else ''}fixed-tau fit to choose from "
+                             f"(fitted: {self.fitted}); add fixed values to taus=, e.g. 0, 1e3, 1e4, inf.")
         return str(fixed.loc[fixed[col].idxmin(), "tau"])
 
     def best_finite(self) -> str:
@@ -408,7 +415,7 @@ class SweepResult:
         """The overall table (like the paper's Table 1) as Markdown."""
         import pandas as pd
 
-        best_val, best_test = self.best("validation"), self.best("test")
+        best_val, best_test = (self.best("validation"), self.best("test")) if self.fixed else (None, None)
         names = {"0": "0 (independent)", "inf": "inf (pooled)", "base": "base model (no adapter)"}
         rows = []
         for _, r in self.overall.iterrows():
@@ -466,11 +473,12 @@ class SweepResult:
         self.distances.to_csv(out / "distances.csv")
         (out / "overall.md").write_text(self.overall_markdown() + "\n")
         (out / "per_task.md").write_text(self.per_task_markdown() + "\n")
-        figures = {
-            "precision_vs_perplexity.png": self.plot_precision(),
-            "improvement_vs_size.png": self.plot_improvement(),
-            "distance_vs_size.png": self.plot_distance(),
-        }
+        figures = {  # without a fixed tau there is no curve over tau and no best one to compare
+            "precision_vs_perplexity.png": self.plot_precision,
+            "improvement_vs_size.png": self.plot_improvement,
+        } if self.fixed else {}
+        figures["distance_vs_size.png"] = self.plot_distance
+        figures = {name: plot() for name, plot in figures.items()}
         for name, fig in figures.items():
             fig.savefig(out / "figures" / name, dpi=110)
         (out / "summary.md").write_text(self.summary() + "\n")
@@ -478,17 +486,19 @@ class SweepResult:
 
     def summary(self) -> str:
         """A short Markdown account: the best tau, its wins against the limits, the set-up."""
-        best, finite = self.best(), self.best_finite()
         ov = self.overall.set_index("tau")["test_perplexity"]
-        wins = self.wins(finite)
         n = len(self.per_task)
-        parts = [
-            f"# BoRA precision sweep: {self.config.name}",
-            "",
-            f"Best fixed tau on validation: **{best}** (test perplexity {ov[best]:.2f}); "
-            f"best on test: {self.best('test')} ({ov[self.best('test')]:.2f}). "
-            f"Best finite tau on validation: {finite} ({ov[finite]:.2f}).",
-        ]
+        parts = [f"# BoRA precision sweep: {self.config.name}", ""]
+        if self.fixed:
+            best, finite = self.best(), self.best_finite()
+            wins = self.wins(finite)
+            parts.append(f"Best fixed tau on validation: **{best}** (test perplexity {ov[best]:.2f}); "
+                         f"best on test: {self.best('test')} ({ov[self.best('test')]:.2f}). "
+                         f"Best finite tau on validation: {finite} ({ov[finite]:.2f}).")
+        else:
+            wins = {}
+            parts.append("No fixed tau was fitted, so there is no best one to compare with: "
+                         "add fixed values to the grid for that.")
         for ref in ("0", "inf"):
             if ref in ov and f"vs_tau={ref}" in wins:
                 parts.append(f"- vs tau={ref}: {ov[ref]:.2f} overall; tau={finite} better on "

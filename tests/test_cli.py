@@ -12,6 +12,7 @@ import bora_pyro
 from bora_pyro import cli_args
 from bora_pyro.cli import DEMO, build_parser, main
 from bora_pyro.config import BoraConfig, DataConfig, TrainConfig
+from bora_pyro.sweep import load_sweep
 from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, tiny_causal_lm
 
 CONFIGS = (DataConfig, BoraConfig, TrainConfig)
@@ -228,6 +229,28 @@ def test_sweep_on_own_data_writes_the_tables_and_continues(tmp_path, local_model
     assert "done before" in capsys.readouterr().out
     assert main(args + ["--rank", "3"]) == 2  # other settings in the same folder
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_sweep_of_the_learned_tau_alone_ends_with_its_tables(tmp_path, local_model, capsys):
+    """`--taus learn` has no fixed tau to call best: it used to fit, then fail (exit 2) before the
+    figures and summary.md. It now writes them and says there is no best fixed tau."""
+    data = tmp_path / "data.jsonl"
+    synthetic_corpus_frame((10, 14, 20)).to_json(data, orient="records", lines=True)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--data", str(data), "--model", str(local_model), "--device", "cpu", "--out", str(out),
+            "--taus", "learn", "--steps", "2", "--eval-docs", "none"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| learn " in printed and "best on validation" not in printed
+    assert "no fixed tau in --taus" in printed
+    summary = (out / "summary.md").read_text()
+    assert "No fixed tau was fitted" in summary and "- learned tau (A=" in summary
+    assert (out / "figures" / "distance_vs_size.png").stat().st_size > 0
+    assert not (out / "figures" / "precision_vs_perplexity.png").exists()
+    sweep = load_sweep(out)
+    assert sweep.fixed == [] and sweep.fitted == ["learn"]
+    with pytest.raises(ValueError, match=r"no fixed-tau fit to choose from \(fitted: \['learn'\]\); add fixed"):
+        sweep.best()
 
 
 @pytest.mark.default_model

@@ -113,7 +113,7 @@ def plot_sweep_distance(sweep: Any, *, taus: Sequence[str] | None = None, ax=Non
     fig, ax = _new_axes(ax, (_WIDTH, 5.0))
     n = sweep.per_task["n_train"].loc[sweep.distances.index].to_numpy()
     order = np.argsort(n, kind="stable")
-    best = sweep.best_finite()
+    best = sweep.best_finite() if sweep.fixed else None  # a sweep of the learned tau alone has none
     for i, t in enumerate(taus):
         y = sweep.distances[t].to_numpy()
         emphasis = t == best
