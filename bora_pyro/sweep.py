@@ -305,7 +305,7 @@ class SweepResult:
 
     def best_finite(self) -> str:
         """`best` among the finite taus when the sweep has any, else among all fixed taus."""
-        has_finite = any(t not in ("0", "inf", "learn") for t in self.fitted)
+        has_finite = any(t not in ("0", "inf") for t in self.fixed)
         return self.best(finite=has_finite)
 
     def improvement(self, best: str | None = None) -> pd.DataFrame:

@@ -9,7 +9,6 @@ import scipy.stats
 import torch
 
 import bora_pyro
-from bora_pyro.data import build_corpus
 from bora_pyro.evaluation import per_doc_nll
 from bora_pyro.reports.arviz import (
     compare_fits,
@@ -21,7 +20,6 @@ from bora_pyro.reports.arviz import (
     shrinkage_factors,
     to_inference_data,
 )
-from bora_pyro.testing import char_tokenizer, synthetic_corpus_frame, tiny_causal_lm
 from tests.conftest import assert_close
 from tests.tiny_result import tiny_result
 
@@ -218,19 +216,12 @@ def test_map_shrinkage_orders_tasks_by_size_for_other_seeds_and_thread_counts(se
     per update; seeds 12 and 13 at one thread gave the weakest order (-0.89, -0.77) of seeds
     0-13 at 1 and 2 threads (benchmarks/shrinkage_order.py; docs/learned-precision.md,
     section 2). About 8 s each on one core."""
-    from tests.reports.conftest import DOCS_PER_TASK, HIDDEN, MAP_TAU, fit_kwargs
+    from tests.reports.conftest import MAP_TAU
+    from tests.scripts import load_benchmark
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        corpus = build_corpus(synthetic_corpus_frame(DOCS_PER_TASK), char_tokenizer(), max_length=64, seed=seed)
-        base = tiny_causal_lm("llama", hidden_size=HIDDEN)
-        result = bora_pyro.fit_map(corpus, **fit_kwargs(model=base, max_steps=150, seed=seed, **MAP_TAU))
-        shrinkage, _ = shrinkage_factors(result)
-    finally:
-        torch.set_num_threads(previous)
-    rho = scipy.stats.spearmanr(shrinkage, result.corpus.split("train").docs_per_task).statistic
-    assert rho < -0.5, (seed, threads, shrinkage, rho)
+    # the fixture's fit (tests/test_shrinkage_order.py checks that the two agree)
+    row = load_benchmark("shrinkage_order").fit_one(seed, threads, MAP_TAU["tau_val_batches"], max_steps=150)
+    assert row["spearman"] < -0.5, (seed, threads, row["shrinkage"], row["spearman"])
 
 
 def test_diagonal_fisher_equals_summed_squared_per_document_gradients(map_result):
