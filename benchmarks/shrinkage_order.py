@@ -11,6 +11,7 @@ report test wants < -0.5), the learned tau, the steps run and the validation NLL
 
     python benchmarks/shrinkage_order.py                               # seeds 0-5, 1 and 2 threads
     python benchmarks/shrinkage_order.py --seeds 0-13 --tau-val-batches 1
+    python benchmarks/shrinkage_order.py --seeds 0-13 --threads 1 --tau-gradient trajectory
 
 The threads run one after another in one process (``torch.set_num_threads``); to measure the two
 thread counts side by side, run one process per count, each pinned to its own core
@@ -47,7 +48,7 @@ def _seeds(text: str) -> list[int]:
     return out
 
 
-def fit_one(seed: int, threads: int, tau_val_batches: int, max_steps: int) -> dict:
+def fit_one(seed: int, threads: int, tau_val_batches: int, max_steps: int, tau_gradient: str = "implicit") -> dict:
     """One fixture fit at ``seed`` with ``threads`` torch threads; its shrinkage and tau."""
     import bora_pyro
     from bora_pyro.data import build_corpus
@@ -59,7 +60,8 @@ def fit_one(seed: int, threads: int, tau_val_batches: int, max_steps: int) -> di
     try:
         start = time.perf_counter()
         corpus = build_corpus(synthetic_corpus_frame(DOCS_PER_TASK), char_tokenizer(), max_length=64, seed=seed)
-        kwargs = dict(FIT_KWARGS, max_steps=max_steps, tau_val_batches=tau_val_batches, seed=seed)
+        kwargs = dict(FIT_KWARGS, max_steps=max_steps, tau_val_batches=tau_val_batches, seed=seed,
+                      tau_gradient=tau_gradient)
         result = bora_pyro.fit_map(corpus, model=tiny_causal_lm("llama", hidden_size=HIDDEN),
                                    tokenizer=char_tokenizer(), **kwargs)
         shrinkage, _ = shrinkage_factors(result)
@@ -83,13 +85,14 @@ def fit_one(seed: int, threads: int, tau_val_batches: int, max_steps: int) -> di
 
 def _run(args) -> list[dict]:
     rows = []
-    print(f"MAP shrinkage vs training size (tau_val_batches={args.tau_val_batches}, {args.max_steps} steps); "
+    print(f"MAP shrinkage vs training size (tau_val_batches={args.tau_val_batches}, tau_gradient={args.tau_gradient}, "
+          f"{args.max_steps} steps); "
           "Spearman < -0.5 passes the report test")
     print(f"{'seed':>4} {'thr':>3} {'Spearman':>8} {'tau A':>10} {'tau B':>10} {'steps':>5} {'val NLL':>7} "
           f"{'s':>4}  shrinkage (smallest task first)")
     for seed in args.seeds:
         for threads in args.threads:
-            row = fit_one(seed, threads, args.tau_val_batches, args.max_steps)
+            row = fit_one(seed, threads, args.tau_val_batches, args.max_steps, args.tau_gradient)
             rows.append(row)
             tau = list(row["tau"].values()) + [float("nan")] * 2
             print(f"{seed:>4} {threads:>3} {row['spearman']:>+8.2f} {tau[0]:>10.4g} {tau[1]:>10.4g} "
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
     parser.add_argument("--tau-val-batches", type=int, default=4,
                         help="validation minibatches per tau update (default 4, the fixture's)")
+    parser.add_argument("--tau-gradient", default="implicit", choices=("implicit", "trajectory"),
+                        help="how the validation method reads tau's effect (default implicit, the fixture's)")
     parser.add_argument("--max-steps", type=int, default=FIT_KWARGS["max_steps"])
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     rho = np.array([r["spearman"] for r in rows])
     summary = {"fits": len(rows), "passing": int((rho < -0.5).sum()), "worst": float(rho.max()),
                "perfect": int((rho <= -0.999).sum()), "tau_val_batches": args.tau_val_batches,
+               "tau_gradient": args.tau_gradient,
                "torch": torch.__version__, "python": platform.python_version(),
                "machine": platform.processor() or platform.machine(), "rows": rows}
     print(f"{summary['passing']} of {len(rows)} fits below -0.5 ({summary['perfect']} at -1.00); "

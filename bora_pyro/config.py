@@ -27,7 +27,7 @@ __all__ = [
     "BoraConfig", "DataConfig", "TrainConfig", "Settings", "resolve_settings", "split_seed", "parse_tau",
     "parse_report_to",
     "PRECISION_GROUPINGS", "PARAMETERIZATIONS", "LR_SCHEDULES", "AUTOCAST_CHOICES", "REPORT_TO_CHOICES",
-    "TAU_CURVATURES", "TAU_METHODS", "TASK_STEPS", "ADAPTER_STORAGES", "TAU_INIT", "VALIDATION_TAU_INIT",
+    "TAU_CURVATURES", "TAU_GRADIENTS", "TAU_METHODS", "TASK_STEPS", "ADAPTER_STORAGES", "TAU_INIT", "VALIDATION_TAU_INIT",
 ]
 
 #: Starting value of a learned tau when ``tau_init`` is not given: the evidence (MAP) and SVI.
@@ -44,6 +44,10 @@ PARAMETERIZATIONS = ("offset", "centered")
 #: `bora_pyro.inference.map.MAPStepper`): the true Fisher at the current adapters, or the running
 #: empirical Fisher of the minibatch gradients.
 TAU_CURVATURES = ("fisher", "empirical")
+#: How MAP's validation method reads the adapters' response to tau (see
+#: `bora_pyro.inference.hyper`): along the run (two shadow fits), at an optimum (the implicit
+#: function theorem), or the first where it is implemented (dense steps, offset parameterisation).
+TAU_GRADIENTS = ("auto", "trajectory", "implicit")
 #: How a step treats the tasks absent from its minibatch (see docs/many-tasks.md): touch only the
 #: tasks present (each task's prior / KL split over its documents, lazy row-wise AdamW) or all;
 #: ``"auto"``: sparse above `SPARSE_TASKS_PER_DOC` tasks per minibatch document.
@@ -441,6 +445,16 @@ class TrainConfig(_Settings):
         (docs/learned-precision.md, sections 8 and 10). Averaging the gradient over
         ``tau_val_batches=4`` minibatches mended one of the misses and caused two (section 9),
         so the default is 1. SVI learns tau by variational EM whatever this says.
+    tau_gradient
+        MAP's validation method: how the adapters' response to tau is read.
+        ``"trajectory"``: along the run itself, from two shadow fits at ``tau * 1.2`` and
+        ``tau / 1.2`` that follow it step by step (`bora_pyro.inference.hyper.ShadowTrajectories`;
+        no extra forward or backward pass, six more ``[D, P]`` float32 tensors: two adapters
+        and their AdamW moments); right for a run kept by early stopping, which is not
+        at an optimum. ``"implicit"``: the implicit function theorem at the optimum, which at
+        an early-stopped state asks for more pooling by construction. ``"auto"`` (default):
+        the trajectory with dense steps and the offset parameterisation (where it is
+        implemented), else the implicit gradient (docs/learned-precision.md, section 11).
     tau_shift_moments
         MAP with ``tau="learn"``: after every change of tau, shift AdamW's first and second
         moments of the task offsets (or adapters) by the change ``(tau_new - tau_old) (theta_d -
@@ -548,6 +562,11 @@ class TrainConfig(_Settings):
         default=False, metadata=_help("MAP, learned tau: when tau changes, shift AdamW's moments of the offsets "
                                       "by the change of the prior's gradient, so that a rising tau does not "
                                       "take oversized steps"))
+    tau_gradient: str = field(
+        default="auto", metadata=_help("MAP, learned tau, tau_method='validation': how the adapters respond to "
+                                       "tau, along the run (trajectory: two shadow fits at tau*1.2 and tau/1.2) "
+                                       "or at an optimum (implicit); auto: trajectory on dense steps with the "
+                                       "offset parameterisation, else implicit", choices=TAU_GRADIENTS))
     tau_curvature: str = field(
         default="fisher", metadata=_help("MAP, learned tau: curvature of the evidence update (true Fisher at the "
                                          "current adapters, or the running empirical Fisher)",
@@ -619,6 +638,7 @@ class TrainConfig(_Settings):
         if not isinstance(self.tau_shift_moments, bool):
             raise ValueError(f"tau_shift_moments must be True or False, got tau_shift_moments={self.tau_shift_moments!r}.")
         checks.choice("tau_curvature", self.tau_curvature, TAU_CURVATURES)
+        checks.choice("tau_gradient", self.tau_gradient, TAU_GRADIENTS)
         self.tau_curvature_batches = checks.optional_positive_int(
             "tau_curvature_batches", self.tau_curvature_batches, none_means="15% of the run's steps")
         checks.choice("task_step", self.task_step, TASK_STEPS)

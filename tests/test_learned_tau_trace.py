@@ -41,6 +41,6 @@ def test_trace_of_the_validation_method(trace, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["step", "tau_A", "grad_A", "tau_B", "grad_B"]
     assert [u["step"] for u in out["updates"]] == [15, 25]
-    assert all(set(u) == {"step", "tau", "grad"} and all(math.isfinite(g) for g in u["grad"]) for u in out["updates"])
+    assert all(set(u) == {"step", "tau", "grad", "grad_implicit"} and all(math.isfinite(g) for g in u["grad"]) for u in out["updates"])
     assert out["settings"]["tau_method"] == "auto" and out["tau_method"] == "validation"
     assert lines[-1].startswith("learned tau: A = ")

@@ -12,9 +12,10 @@ def test_its_fit_is_the_report_fixture():
     bench = load_benchmark("shrinkage_order")
     assert bench.DOCS_PER_TASK == fixture.DOCS_PER_TASK and bench.HIDDEN == fixture.HIDDEN
     expected = fixture.fit_kwargs(max_steps=150, **fixture.MAP_TAU)
-    del expected["tokenizer"], expected["tau_val_batches"]  # passed separately (the latter is an option)
+    del expected["tokenizer"], expected["tau_val_batches"], expected["tau_gradient"]  # passed separately (options)
     assert bench.FIT_KWARGS == expected
     assert fixture.MAP_TAU["tau_val_batches"] == 4  # the benchmark's default
+    assert fixture.MAP_TAU["tau_gradient"] == "implicit"  # fit_one's and the benchmark's default
 
 
 def test_a_short_run_prints_and_returns_the_rows(capsys, tmp_path):

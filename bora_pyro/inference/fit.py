@@ -55,9 +55,9 @@ def fit_map(
     Maximises ``log p(theta_1..D, Theta | data, tau)`` = ``sum_d log N(theta_d; Theta, tau^-1)``
     + ``sum_n log p_LM(doc_n | theta_task(n))`` with minibatches of documents that mix tasks (the
     likelihood scaled by N / B) and AdamW. With ``tau="learn"`` the precision is learned during
-    the fit, not by the degenerate joint MAP: by default (``tau_method="auto"``) down the implicit
-    gradient of the validation likelihood (empirical Bayes on held-out documents,
-    `bora_pyro.inference.hyper`), or, without validation documents, by the Laplace evidence
+    the fit, not by the degenerate joint MAP: by default (``tau_method="auto"``) down the
+    gradient of the validation likelihood (empirical Bayes on held-out documents, with the
+    adapters' response to tau read along the run, ``tau_gradient``; `bora_pyro.inference.hyper`), or, without validation documents, by the Laplace evidence
     (type-II maximum likelihood with a Gamma hyperprior, `bora_pyro.inference.precision`);
     ``fit_args["tau_method"]`` names the one that ran.
 

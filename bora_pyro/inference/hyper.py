@@ -1,11 +1,20 @@
 r"""Learning the precision tau under MAP from the validation likelihood (``tau_method="validation"``).
 
 Empirical Bayes by the *predictive* criterion: tau is moved, during the fit, to lower the
-validation NLL per token ``V`` of the MAP adapters it induces. The gradient ``dV / d log tau``
-comes from the implicit function theorem at the MAP (Larsen et al. 1996, *Design and
-regularization of neural networks: the optimal use of a validation set*; Lorraine et al. 2020,
-*Optimizing millions of hyperparameters by implicit differentiation*), with the diagonal
-curvature ``h_d`` of each task's training NLL in place of its Hessian.
+validation NLL per token ``V`` of the adapters it induces. The gradient ``dV / d log tau`` is
+``dV/dtheta`` times the adapters' response to tau, read one of two ways (``tau_gradient``):
+
+- ``"trajectory"`` (the default where it is implemented: dense steps, offset
+  parameterisation): the response of the run itself, from two shadow fits at ``tau k`` and
+  ``tau / k`` that follow it step by step (`ShadowTrajectories`). A run kept by early stopping
+  is not at an optimum of its training objective, and at its kept state the implicit gradient
+  below asks for more pooling by construction; the trajectory's response is what the envelope
+  theorem asks for there (docs/learned-precision.md, section 11).
+- ``"implicit"``: the implicit function theorem at the MAP (Larsen et al. 1996, *Design and
+  regularization of neural networks: the optimal use of a validation set*; Lorraine et al.
+  2020, *Optimizing millions of hyperparameters by implicit differentiation*), below.
+
+Both use the diagonal curvature ``h_d`` of each task's training NLL in place of its Hessian.
 
 At the MAP of ``sum_d NLL_d(theta_d) + sum_d tau/2 ||theta_d - Theta||^2`` (flat on ``Theta``)
 the task adapters and the global one satisfy, with ``delta_d = theta_d - Theta``::
@@ -57,7 +66,10 @@ early stopping with updates tied to the evaluations and starting at tau = 1e4, i
 perplexity is at most 4.4% above the grid's best on six splits of two corpora (mean 1.015x;
 section 10), and it is the default (``tau_method="auto"`` runs it whenever the fit has
 validation documents). Read during a run, the gradient can also point to more pooling than the
-converged fits want (KJV, section 10).
+converged fits want (KJV, section 10): at the kept state of an early-stopped run the validation
+gradient's share along the data term's pull is uphill, so the prior's pull (shrinkage) reads as
+downhill whatever tau the fits at other taus would prefer. `ShadowTrajectories` reads the
+response along the run instead (section 11).
 """
 
 from __future__ import annotations
@@ -72,7 +84,7 @@ from ..data import IGNORE_INDEX
 from .curvature import lm_logits, next_token_targets, per_document_gradients
 
 __all__ = ["PROBE_BETA", "global_response", "implicit_tau_gradient", "shift_adam_moments", "LogTauAdam",
-           "ValidationData", "ValidationProbe"]
+           "ShadowTrajectories", "ValidationData", "ValidationProbe"]
 
 
 #: `ValidationProbe`'s default decay of its running curvature per minibatch: about the last 3.
@@ -294,6 +306,94 @@ class LogTauAdam:
     def load_state_dict(self, state: dict) -> None:
         for name in ("log_tau", "m", "v"):
             getattr(self, name).copy_(state[name])
+        self.count = int(state["count"])
+
+
+class ShadowTrajectories:
+    r"""``d theta_t / d log tau`` along the run itself, from two shadow fits at ``tau k`` and ``tau / k``
+    (``tau_gradient="trajectory"``).
+
+    The implicit gradient assumes that the adapters sit at the training optimum of the current
+    tau. A run kept by early stopping does not: at its kept state the validation gradient's
+    share along the data term's pull is uphill (fitting further would overfit), so the prior's
+    pull (shrinkage) reads as downhill, and the implicit gradient asks for more pooling even
+    where fits at a higher tau end worse (docs/learned-precision.md, section 10). By the
+    envelope theorem, the derivative of the early-stopped validation loss ``V(theta_{t*}(tau))``
+    is ``dV/dtheta . dtheta_t/dtau`` at the kept step ``t*``, with the stopping step held: the
+    sensitivity of the *trajectory*, not of an optimum.
+
+    Two shadow copies of the dense, offset-parameterised fit follow the run, one at precision
+    ``tau k`` and one at ``tau / k`` (whatever tau is at the time), each with its own AdamW
+    moments, stepped with the same minibatches and learning rates as the run. A shadow's data
+    gradient is the run's, moved to the shadow's adapters by the diagonal curvature ``h_d`` of
+    each task's training NLL (the `ValidationProbe`'s): ``g + h_d (theta^s_d - theta_d)``; its
+    prior gradient is exact. No forward or backward pass is added: ``O(D P)`` elementwise work
+    per step. The sensitivity is the central difference
+    ``(theta^+ - theta^-) / (2 log k)``, and ``dV / d log tau_g`` its product with the validation
+    gradient summed over the entries of group ``g`` (the diagonal curvature decouples the
+    entries, so each entry responds only to its own group's tau).
+    """
+
+    def __init__(self, offsets: torch.Tensor, theta_g: torch.Tensor, *, factor: float = 1.2):
+        if not float(factor) > 1.0:
+            raise ValueError(f"factor must be > 1, got factor={factor!r}; e.g. 1.2.")
+        self.factor = float(factor)
+        self.offsets = [offsets.detach().float().clone() for _ in range(2)]
+        self.globals = [theta_g.detach().float().clone() for _ in range(2)]
+        self.moments = [
+            {"m_d": torch.zeros_like(offsets, dtype=torch.float32), "v_d": torch.zeros_like(offsets, dtype=torch.float32),
+             "m_g": torch.zeros_like(theta_g, dtype=torch.float32), "v_g": torch.zeros_like(theta_g, dtype=torch.float32)}
+            for _ in range(2)
+        ]
+        self.count = 0
+
+    @staticmethod
+    def _adamw(param, grad, m, v, *, lr, betas, eps, weight_decay, count):
+        b1, b2 = betas
+        if weight_decay:
+            param.mul_(1 - lr * weight_decay)
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (v / (1 - b2**count)).sqrt_().add_(eps)
+        param.addcdiv_(m, denom, value=-lr / (1 - b1**count))
+
+    @torch.no_grad()
+    def step(self, grad_offsets, grad_global, offsets, theta_g, tau_p, curvature, *, task_opt: dict, global_opt: dict):
+        """Step both shadows with the run's gradients ``grad_offsets [D, P]``, ``grad_global [P]``
+        taken at the run's ``offsets`` and ``theta_g`` (before its step), at ``tau_p [P]`` per
+        entry, with the curvature ``[D, P]`` and the run's AdamW settings of each parameter
+        (``lr``, ``betas``, ``eps``, ``weight_decay``)."""
+        self.count += 1
+        data = grad_offsets - tau_p * offsets
+        for s, power in enumerate((1.0, -1.0)):
+            moved = curvature * ((self.globals[s] - theta_g) + (self.offsets[s] - offsets))  # [D, P]
+            g_d = data + moved + (tau_p * self.factor**power) * self.offsets[s]
+            g_g = grad_global + moved.sum(0)
+            mom = self.moments[s]
+            self._adamw(self.offsets[s], g_d, mom["m_d"], mom["v_d"], count=self.count, **task_opt)
+            self._adamw(self.globals[s], g_g, mom["m_g"], mom["v_g"], count=self.count, **global_opt)
+
+    def sensitivity(self) -> torch.Tensor:
+        """``[D, P]``: ``d theta_d / d log tau`` of every task adapter, the central difference."""
+        plus = self.globals[0] + self.offsets[0]
+        minus = self.globals[1] + self.offsets[1]
+        return (plus - minus) / (2 * math.log(self.factor))
+
+    def gradient(self, validation_gradient: torch.Tensor, group_index: torch.Tensor, groups: int) -> torch.Tensor:
+        """``[G]`` ``dV / d log tau_g``: the validation gradient ``[D, P]`` times the sensitivity,
+        summed over the tasks and the entries of each group."""
+        per_param = (validation_gradient * self.sensitivity()).sum(0)
+        return torch.zeros(groups, dtype=per_param.dtype, device=per_param.device).index_add_(0, group_index, per_param)
+
+    def state_dict(self) -> dict:
+        return {"offsets": self.offsets, "globals": self.globals, "moments": self.moments, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s in range(2):
+            self.offsets[s].copy_(state["offsets"][s])
+            self.globals[s].copy_(state["globals"][s])
+            for k, v in state["moments"][s].items():
+                self.moments[s][k].copy_(v)
         self.count = int(state["count"])
 
 

@@ -21,7 +21,7 @@ from .elbo import SyncFreeTraceELBO
 from .loop import FitState, Stepper, eval_interval, run_steps
 from .curvature import FisherSampler, MonteCarloFisher
 from .hyper import (
-    PROBE_BETA, LogTauAdam, ValidationData, ValidationProbe, global_response, implicit_tau_gradient,
+    PROBE_BETA, LogTauAdam, ShadowTrajectories, ValidationData, ValidationProbe, global_response, implicit_tau_gradient,
     shift_adam_moments,
 )
 from .precision import FisherEstimate, evidence_terms, evidence_update
@@ -149,9 +149,15 @@ class MAPStepper(Stepper):
         ``cpu`` sweep's evaluations every 25 steps, every 10 steps after 25), one forward and
         backward pass on each of ``train.tau_val_batches`` validation minibatches gives each
         present task's validation gradient and curvature (`hyper.ValidationProbe`), and log tau
-        takes one Adam step (``train.tau_lr``) down the implicit gradient of the validation NLL
-        (`hyper.implicit_tau_gradient`), averaged over the minibatches. Each update appends
-        ``{"step", "tau", "grad"}`` (``grad = dV / d log tau`` per group) to `tau_updates`.
+        takes one Adam step (``train.tau_lr``) down the gradient of the validation NLL,
+        averaged over the minibatches: with ``train.tau_gradient="trajectory"`` (what
+        ``"auto"`` picks with dense steps and the offset parameterisation) the validation
+        gradient times the response of two shadow fits at ``tau * 1.2`` and ``tau / 1.2``
+        (`hyper.ShadowTrajectories`, stepped in `after_backward` with each step's gradients,
+        ``O(D P)`` per step), else the implicit gradient (`hyper.implicit_tau_gradient`). Each
+        update appends ``{"step", "tau", "grad"}`` (``grad = dV / d log tau`` per group) to
+        `tau_updates`, with the trajectory gradient also ``"grad_implicit"`` (the implicit one
+        at the same state, for comparison).
         Cost: ``tau_val_batches`` passes without optimiser step per ``eval_every / 2.5`` steps
         (one pass per ten steps at the ``cpu`` sweep's schedule and the default 1). With
         sparse steps each pass runs on the K rows of its minibatch's tasks and the ``[D, P]``
@@ -266,6 +272,19 @@ class MAPStepper(Stepper):
             if model.config.tau_init is None:  # the validation method's own start (config.VALIDATION_TAU_INIT)
                 self.tau = torch.full_like(self.tau, VALIDATION_TAU_INIT)
             self.log_tau = LogTauAdam(self.tau, lr=train.tau_lr)
+        #: ``tau_gradient="trajectory"``: the shadow fits (created at the first step).
+        self.shadows = None
+        shadows_fit = not self.sparse and train.parameterization == "offset"
+        self.tau_gradient = train.tau_gradient
+        if self.tau_gradient == "auto":
+            self.tau_gradient = "trajectory" if shadows_fit else "implicit"
+        self.by_trajectory = self.learn and by_validation and self.tau_gradient == "trajectory"
+        if self.by_trajectory and not shadows_fit:
+            raise ValueError(
+                "tau_gradient='trajectory' is implemented for dense steps with the offset "
+                "parameterisation; pass task_step='dense' and parameterization='offset', or "
+                "tau_gradient='implicit'."
+            )
         updates = max(0, self.steps - self.tau_warmup) // self.tau_update_every
         batches = train.tau_curvature_batches
         if batches is None:
@@ -293,6 +312,7 @@ class MAPStepper(Stepper):
         self.tau_updates: list[dict] = []
         self._task_param = None
         self._batch = None
+        self._curvature, self._curvature_at = None, -1
 
     def build_guide(self):
         return PointGuide(self.model, self.init_global, self.parameterization, storage=self.storage)
@@ -309,6 +329,8 @@ class MAPStepper(Stepper):
         return super().step(batch)
 
     def after_backward(self) -> None:
+        if self.by_trajectory:
+            self._step_shadows()
         if self.fisher is None or self._task_param is None:
             return
         if self.sparse:  # the gathered rows' gradient, zero for the absent tasks (O(D P), with the tables)
@@ -319,6 +341,28 @@ class MAPStepper(Stepper):
                 self.fisher.update(grad.index_copy_(0, index, leaf.grad.to(self.table_device)))
         elif self._task_param.grad is not None:
             self.fisher.update(self._task_param.grad)
+
+    def _step_shadows(self) -> None:
+        """Step the shadow fits of ``tau_gradient="trajectory"`` with this step's gradients, before
+        the run's own step (`hyper.ShadowTrajectories`)."""
+        offsets, theta_g = self.guide.task_offsets, self.guide.global_adapter
+        if offsets.grad is None or theta_g.grad is None:
+            return
+        if self.shadows is None:
+            self.shadows = ShadowTrajectories(offsets, theta_g)
+        if self.probe.count == 0:  # a first curvature before the first update
+            theta, _ = self.point()
+            with self.amp():
+                self.probe(theta, next(self.validation_batches).to(self.device))
+        if self._curvature_at != self.probe.count:
+            self._curvature, self._curvature_at = self.probe.curvature().to(self.device), self.probe.count
+        settings = {}
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                settings[id(p)] = {"lr": g["lr"], "betas": g["betas"], "eps": g["eps"], "weight_decay": g["weight_decay"]}
+        tau_p = self.tau.to(self.device)[self.model.group_index.to(self.device)]
+        self.shadows.step(offsets.grad, theta_g.grad, offsets.detach(), theta_g.detach(), tau_p, self._curvature,
+                          task_opt=settings[id(offsets)], global_opt=settings[id(theta_g)])
 
     def _is_update(self, done: int) -> bool:
         """Whether an evidence update runs after ``done`` completed steps."""
@@ -407,10 +451,17 @@ class MAPStepper(Stepper):
             grad = implicit_tau_gradient(
                 theta - theta_g, self.probe.curvature(), self.tau, self.model.group_index,
                 val_grad / len(batches))
+            if self.shadows is not None:
+                implicit = grad
+                grad = self.shadows.gradient(val_grad / len(batches), self.model.group_index.to(self.device),
+                                             self.tau.shape[0])
         old = self.tau
         self.tau = self.log_tau.step(grad).to(self.device, self.tau.dtype)
         self._shift_moments(old)
-        self.tau_updates.append({"step": step, "tau": self.tau.tolist(), "grad": grad.tolist()})
+        record = {"step": step, "tau": self.tau.tolist(), "grad": grad.tolist()}
+        if self.shadows is not None:
+            record["grad_implicit"] = implicit.tolist()
+        self.tau_updates.append(record)
 
     @torch.no_grad()
     def _shift_moments(self, old_tau: torch.Tensor) -> None:
@@ -488,7 +539,8 @@ class MAPStepper(Stepper):
         (Adam's state) and ``validation_batches`` (where the validation minibatches are); for
         the evidence, the curvature's state: ``fisher`` (``mean``, ``sq``, ``count``) or
         ``mc_fisher`` (``sq``, ``seen``, ``count``) and ``generator`` (the label draws'
-        generator state)."""
+        generator state); with ``tau_gradient="trajectory"`` ``shadows``
+        (`hyper.ShadowTrajectories`)."""
         state = super().state_dict()
         if self.probe is not None:
             state["probe"] = self.probe.state_dict()
@@ -499,6 +551,8 @@ class MAPStepper(Stepper):
         if self.mc_fisher is not None:
             state["mc_fisher"] = self.mc_fisher.state_dict()
             state["generator"] = self.generator.get_state()
+        if self.shadows is not None:
+            state["shadows"] = self.shadows.state_dict()
         if self.learn:
             state["tau_updates"] = [dict(r) for r in self.tau_updates]
         return state
@@ -517,6 +571,9 @@ class MAPStepper(Stepper):
         if self.mc_fisher is not None:
             self.mc_fisher.load_state_dict(state["mc_fisher"])
             self.generator.set_state(state["generator"].cpu())
+        if state.get("shadows") is not None:
+            self.shadows = ShadowTrajectories(self.guide.task_offsets, self.guide.global_adapter)
+            self.shadows.load_state_dict(state["shadows"])
         if self.learn:
             self.tau_updates = [dict(r) for r in state["tau_updates"]]
 

@@ -36,7 +36,11 @@ def base_model():
 #: the first update's sign on this tiny LM (whose validation NLL is nearly flat in tau) followed
 #: floating-point noise, seed 0 took opposite paths at 1 and 2 threads, and the shrinkage of
 #: the 1-thread fit ordered the tasks with Spearman -0.26 (docs/learned-precision.md, section 2).
-MAP_TAU = dict(tau="learn", tau_init=100.0, tau_val_batches=4)
+#: The implicit gradient (the default until 2026-12-03): with the trajectory gradient the MAP
+#: fit still orders its shrinkage (Spearman -0.77 at two threads, -1.00 on 14 seeds at one,
+#: docs/benchmarks.md), but the SVI fit started from it did not (-0.09 at two threads; not yet
+#: investigated), and these fixtures test the reports, not the tau method.
+MAP_TAU = dict(tau="learn", tau_init=100.0, tau_val_batches=4, tau_gradient="implicit")
 
 
 @pytest.fixture(scope="session")

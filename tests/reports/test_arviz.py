@@ -220,7 +220,8 @@ def test_map_shrinkage_orders_tasks_by_size_for_other_seeds_and_thread_counts(se
     from tests.scripts import load_benchmark
 
     # the fixture's fit (tests/test_shrinkage_order.py checks that the two agree)
-    row = load_benchmark("shrinkage_order").fit_one(seed, threads, MAP_TAU["tau_val_batches"], max_steps=150)
+    row = load_benchmark("shrinkage_order").fit_one(seed, threads, MAP_TAU["tau_val_batches"], max_steps=150,
+                                                     tau_gradient=MAP_TAU["tau_gradient"])
     assert row["spearman"] < -0.5, (seed, threads, row["shrinkage"], row["spearman"])
 
 
