@@ -399,47 +399,44 @@ def test_a_learned_tau_starts_where_its_method_does_unless_tau_init_is_given():
         assert given.history["tau"][0] == [300.0, 300.0]
 
 
-def _adamw_run(h, mu, tau_p, steps, *, lr=0.05, seed=0, record=None):
+def _adamw_run(h, mu, tau_p, steps, *, lr=0.05, noise=1.0, seed=0, shadow_factor=None):
     """AdamW on the offset parameterisation of ``sum_d 1/2 sum_i h (theta_d - mu_d)^2 + tau/2 |delta_d|^2``
-    with a noisy gradient (the same noise for every run of the seed); ``record(grad_d, grad_g,
-    delta, Theta)`` sees each step's gradients at the iterate they were taken at."""
+    with a gradient noise of sd ``noise`` (the same for every run of the seed). Returns the final
+    adapters and, with ``shadow_factor``, the `ShadowTrajectories` stepped with every step's
+    gradients at the iterate they were taken at."""
+    from bora_pyro.inference.hyper import ShadowTrajectories
+
     g = torch.Generator().manual_seed(seed)
-    delta = torch.zeros_like(mu, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(mu.shape, requires_grad=True)
     Theta = torch.zeros(mu.shape[1], requires_grad=True)
     opt = torch.optim.AdamW([delta, Theta], lr=lr, weight_decay=0.0)
+    settings = {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    shadows = None
     for _ in range(steps):
-        noise = torch.randn(mu.shape, generator=g)
         theta = Theta + delta
-        loss = (0.5 * h * (theta - mu).square() + noise * theta).sum() + 0.5 * (tau_p * delta.square()).sum()
+        loss = (0.5 * h * (theta - mu).square() + noise * torch.randn(mu.shape, generator=g) * theta).sum()
+        loss = loss + 0.5 * (tau_p * delta.square()).sum()
         opt.zero_grad()
         loss.backward()
-        if record is not None:
-            record(delta.grad, Theta.grad, delta.detach(), Theta.detach())
+        if shadow_factor is not None:
+            if shadows is None:
+                shadows = ShadowTrajectories(delta, Theta, factor=shadow_factor)
+            shadows.step(delta.grad, Theta.grad, delta.detach(), Theta.detach(), tau_p, h,
+                         task_opt=settings, global_opt=settings)
         opt.step()
-    return (Theta + delta).detach()
+    return (Theta + delta).detach(), shadows
 
 
 def test_shadow_trajectories_are_the_runs_at_tau_k_and_tau_over_k_on_a_quadratic():
     """With an exactly quadratic data term (diagonal curvature ``h``) a shadow's linearised data
     gradient is exact, so each shadow is the AdamW run at ``tau k`` (resp. ``tau / k``) itself,
     with the same gradient noise: to 1e-4 after 150 steps (float32)."""
-    from bora_pyro.inference.hyper import ShadowTrajectories
-
     h, mu, _, _, group_index = _gaussian_problem(D=4, P=7)
     h, mu = h.float(), mu.float()
-    tau_p = torch.tensor([0.5, 8.0]).float()[group_index]
-    shadows = None
-
-    def record(grad_d, grad_g, delta, Theta):
-        nonlocal shadows
-        if shadows is None:
-            shadows = ShadowTrajectories(delta, Theta, factor=1.5)
-        opt = {"lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
-        shadows.step(grad_d, grad_g, delta, Theta, tau_p, h, task_opt=opt, global_opt=opt)
-
-    _adamw_run(h, mu, tau_p, 150, record=record)
+    tau_p = torch.tensor([0.5, 8.0])[group_index]
+    _, shadows = _adamw_run(h, mu, tau_p, 150, shadow_factor=1.5)
     for s, k in enumerate((1.5, 1 / 1.5)):
-        run = _adamw_run(h, mu, tau_p * k, 150)
+        run, _ = _adamw_run(h, mu, tau_p * k, 150)
         assert torch.allclose(shadows.globals[s] + shadows.offsets[s], run, atol=1e-4), s
 
 
@@ -447,33 +444,12 @@ def test_shadow_sensitivity_is_the_implicit_one_at_convergence():
     """Run to convergence (4,000 noise-free steps), the trajectory's sensitivity gives the implicit
     function theorem's ``dV / d log tau`` of the closed-form MAP (5% relative): at an optimum the
     two gradients are the same."""
-    from bora_pyro.inference.hyper import ShadowTrajectories
-
     h, mu, v, nu, group_index = _gaussian_problem(D=4, P=7)
     tau = torch.tensor([0.5, 8.0], dtype=torch.float64)
-    h32, mu32, tau_p = h.float(), mu.float(), tau.float()[group_index]
-    shadows = None
-
-    def record(grad_d, grad_g, delta, Theta):
-        nonlocal shadows
-        if shadows is None:
-            shadows = ShadowTrajectories(delta, Theta, factor=1.05)
-        opt = {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
-        shadows.step(grad_d, grad_g, delta, Theta, tau_p, h32, task_opt=opt, global_opt=opt)
-
-    g = torch.Generator().manual_seed(1)
-    delta = torch.zeros(mu.shape, requires_grad=True)
-    Theta = torch.zeros(mu.shape[1], requires_grad=True)
-    opt = torch.optim.AdamW([delta, Theta], lr=0.01, weight_decay=0.0)
-    for _ in range(4000):
-        theta = Theta + delta
-        loss = (0.5 * h32 * (theta - mu32).square()).sum() + 0.5 * (tau_p * delta.square()).sum()
-        opt.zero_grad()
-        loss.backward()
-        record(delta.grad, Theta.grad, delta.detach(), Theta.detach())
-        opt.step()
+    final, shadows = _adamw_run(h.float(), mu.float(), tau.float()[group_index], 4000, lr=0.01, noise=0.0,
+                                shadow_factor=1.05)
     theta_map, Theta_map = _map(h, mu, tau[group_index])
-    assert torch.allclose((Theta + delta).detach().double(), theta_map, atol=1e-3)
+    assert torch.allclose(final.double(), theta_map, atol=1e-3)
     expected = implicit_tau_gradient(theta_map - Theta_map, h, tau, group_index, v * (theta_map - nu))
     got = shadows.gradient((v * (theta_map - nu)).float(), group_index, 2).double()
     assert torch.allclose(got, expected, rtol=0.05), (got, expected)
