@@ -127,6 +127,11 @@ class ValidationData:
         return cls(gradients, batches, docs_per_task)
 
 
+def _sum_by_group(per_param: torch.Tensor, group_index: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[G]``: the ``[P]`` entries of ``per_param`` summed within each precision group."""
+    return torch.zeros(groups, dtype=per_param.dtype, device=per_param.device).index_add_(0, group_index, per_param)
+
+
 @torch.no_grad()
 def global_response(
     blocks: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -208,9 +213,7 @@ def implicit_tau_gradient(
     r = 1.0 / (curvature + tau_p)  # [R, P]
     d_task = r * (tau_p * d_global - offsets)  # [R, P]
     per_param = tau_p * (validation_gradient * d_task).sum(0)  # [P]
-    return torch.zeros(tau.shape[0], dtype=per_param.dtype, device=per_param.device).index_add_(
-        0, group_index, per_param
-    )
+    return _sum_by_group(per_param, group_index, tau.shape[0])
 
 
 @torch.no_grad()
@@ -383,7 +386,7 @@ class ShadowTrajectories:
         """``[G]`` ``dV / d log tau_g``: the validation gradient ``[D, P]`` times the sensitivity,
         summed over the tasks and the entries of each group."""
         per_param = (validation_gradient * self.sensitivity()).sum(0)
-        return torch.zeros(groups, dtype=per_param.dtype, device=per_param.device).index_add_(0, group_index, per_param)
+        return _sum_by_group(per_param, group_index, groups)
 
     def state_dict(self) -> dict:
         return {"offsets": self.offsets, "globals": self.globals, "moments": self.moments, "count": self.count}
