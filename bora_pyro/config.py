@@ -454,7 +454,8 @@ class TrainConfig(_Settings):
         at an optimum. ``"implicit"``: the implicit function theorem at the optimum, which at
         an early-stopped state asks for more pooling by construction. ``"auto"`` (default):
         the trajectory with dense steps and the offset parameterisation (where it is
-        implemented), else the implicit gradient (docs/learned-precision.md, section 11).
+        implemented), else the implicit gradient (docs/learned-precision.md, section 11);
+        ``fit_args["tau_gradient"]`` names the one that ran.
     tau_shift_moments
         MAP with ``tau="learn"``: after every change of tau, shift AdamW's first and second
         moments of the task offsets (or adapters) by the change ``(tau_new - tau_old) (theta_d -

@@ -26,8 +26,8 @@ from ..tracking import Trackers, default_run_name, log_fit_end, make_trackers, r
 from .checkpoint import Checkpointing, make_checkpointing
 from .curvature import FisherSampler
 from .hyper import ValidationData
-from .loop import FitState
-from .map import optimise_map, resolve_tau_method
+from .loop import FitState, sparse_steps
+from .map import optimise_map, resolve_tau_gradient, resolve_tau_method
 from .svi import optimise_svi
 
 __all__ = ["fit_map", "fit_svi"]
@@ -116,9 +116,14 @@ def fit_map(
     require_trackers(settings.train.report_to)  # a missing tracker package fails before any loading
     run = _prepare(data, settings, model=model, tokenizer=tokenizer, init_adapter=init_adapter)
     validation = run.validation_data()
-    if settings.model.tau == "learn":  # fit_args, checkpoints and trackers name the method that runs
+    if settings.model.tau == "learn":  # fit_args, checkpoints and trackers name the method (and gradient) that runs
         method = resolve_tau_method(settings.train.tau_method, validation is not None)
-        run.settings = settings = replace(settings, train=replace(settings.train, tau_method=method))
+        gradient = settings.train.tau_gradient
+        if method == "validation":
+            gradient = resolve_tau_gradient(gradient, sparse_steps(run.bora, settings.train),
+                                            settings.train.parameterization)
+        run.settings = settings = replace(settings, train=replace(settings.train, tau_method=method,
+                                                                  tau_gradient=gradient))
     fit_args = run.record("map")
     with run.trackers("map") as trackers:
         state = optimise_map(

@@ -25,7 +25,7 @@ from .rows import LazyAdamW, resolve_storage
 if TYPE_CHECKING:
     from .checkpoint import Checkpointing
 
-__all__ = ["FitState", "Stepper", "run_steps", "initial_tau", "eval_interval", "lr_factor", "lr_scheduler", "base_lr", "READ_EVERY"]
+__all__ = ["FitState", "Stepper", "sparse_steps", "run_steps", "initial_tau", "eval_interval", "lr_factor", "lr_scheduler", "base_lr", "READ_EVERY"]
 
 #: Steps between two reads of the step values (loss, gradient norm, NLL, tau) from the compute
 #: device; `run_steps` also reads them at the first step, before each validation and checkpoint,
@@ -124,6 +124,15 @@ def base_lr(model: BoraModel, train: TrainConfig) -> float:
     return train.lr_per_tau * float(model.fixed_tau[0])
 
 
+def sparse_steps(model: BoraModel, train: TrainConfig) -> bool:
+    """Whether a fit's steps touch only the minibatch's tasks (``train.task_step``; ``"auto"``:
+    sparse above `SPARSE_TASKS_PER_DOC` tasks per minibatch document or with the tables on the
+    host). Never for a pooled model or under data parallelism."""
+    return model.mode != "pooled" and not distributed.active() and (train.task_step == "sparse" or (
+        train.task_step == "auto" and model.docs_per_task is not None
+        and (model.num_tasks > SPARSE_TASKS_PER_DOC * train.batch_size or train.adapter_storage == "host")))
+
+
 class Stepper:
     """One inference method: a guide, an ELBO, AdamW over the guide's parameters and its
     learning-rate schedule, all set by a `TrainConfig`.
@@ -170,9 +179,7 @@ class Stepper:
         self.optimizer = None
         self.scheduler = None
         #: Whether steps touch only the batch's tasks (`TaskSubsample`), and where the tables live.
-        self.sparse = model.mode != "pooled" and not distributed.active() and (train.task_step == "sparse" or (
-            train.task_step == "auto" and model.docs_per_task is not None
-            and (model.num_tasks > SPARSE_TASKS_PER_DOC * train.batch_size or train.adapter_storage == "host")))
+        self.sparse = sparse_steps(model, train)
         if distributed.active() and (train.task_step == "sparse" or train.adapter_storage == "host"):
             raise ValueError(
                 f"task_step={train.task_step!r} / adapter_storage={train.adapter_storage!r}: sparse steps "

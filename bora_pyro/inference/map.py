@@ -27,7 +27,7 @@ from .hyper import (
 from .precision import FisherEstimate, evidence_terms, evidence_update
 from .rows import host_table
 
-__all__ = ["MAPStepper", "PointGuide", "optimise_map", "resolve_tau_method", "CURVATURE_BUDGET"]
+__all__ = ["MAPStepper", "PointGuide", "optimise_map", "resolve_tau_gradient", "resolve_tau_method", "CURVATURE_BUDGET"]
 
 #: Name of the ``[D, P]`` table of task offsets (``parameterization="offset"``).
 SITE_OFFSETS = "task_offsets"
@@ -135,6 +135,22 @@ def resolve_tau_method(method: str, has_validation: bool) -> str:
     if method != "auto":
         return method
     return "validation" if has_validation else "evidence"
+
+
+def resolve_tau_gradient(gradient: str, sparse: bool, parameterization: str) -> str:
+    """The gradient ``tau_gradient`` names: ``"auto"`` is ``"trajectory"`` (the shadow fits of
+    `hyper.ShadowTrajectories`) on dense steps with the offset parameterisation and
+    ``"implicit"`` otherwise; ``"trajectory"`` where the shadows are not implemented raises."""
+    shadows_fit = not sparse and parameterization == "offset"
+    if gradient == "auto":
+        return "trajectory" if shadows_fit else "implicit"
+    if gradient == "trajectory" and not shadows_fit:
+        raise ValueError(
+            "tau_gradient='trajectory' is implemented for dense steps with the offset "
+            "parameterisation; pass task_step='dense' and parameterization='offset', or "
+            "tau_gradient='implicit'."
+        )
+    return gradient
 
 
 class MAPStepper(Stepper):
@@ -274,17 +290,8 @@ class MAPStepper(Stepper):
             self.log_tau = LogTauAdam(self.tau, lr=train.tau_lr)
         #: ``tau_gradient="trajectory"``: the shadow fits (created at the first step).
         self.shadows = None
-        shadows_fit = not self.sparse and train.parameterization == "offset"
-        self.tau_gradient = train.tau_gradient
-        if self.tau_gradient == "auto":
-            self.tau_gradient = "trajectory" if shadows_fit else "implicit"
-        self.by_trajectory = self.learn and by_validation and self.tau_gradient == "trajectory"
-        if self.by_trajectory and not shadows_fit:
-            raise ValueError(
-                "tau_gradient='trajectory' is implemented for dense steps with the offset "
-                "parameterisation; pass task_step='dense' and parameterization='offset', or "
-                "tau_gradient='implicit'."
-            )
+        self.by_trajectory = self.learn and by_validation and resolve_tau_gradient(
+            train.tau_gradient, self.sparse, train.parameterization) == "trajectory"
         updates = max(0, self.steps - self.tau_warmup) // self.tau_update_every
         batches = train.tau_curvature_batches
         if batches is None:

@@ -258,7 +258,11 @@ def test_fit_map_learns_tau_by_validation_on_a_tiny_lm():
     updates = result.history["tau_update"]
     assert [u["step"] for u in updates] == list(range(41, 300, 12))
     assert result.fit_args["tau_method"] == "validation" and "grad" in updates[0]
+    assert result.fit_args["tau_gradient"] == "trajectory"  # "auto" as resolved: dense steps, offsets
     assert result.tau["all"] < 50, [u["tau"] for u in updates]
+    sparse = bora_pyro.fit_map(corpus, model=base, tokenizer=tok, tau="learn", max_steps=2, batch_size=4, rank=2,
+                               alpha=4, target_modules=["lm_head"], task_step="sparse", device="cpu", progress=False)
+    assert sparse.fit_args["tau_gradient"] == "implicit"  # "auto" where the shadows are not implemented
     no_validation, base, tok = generated_corpus(4.0, docs_per_task=(10, 20), validation_size=0.0)
     small = dict(model=base, tokenizer=tok, tau="learn", max_steps=2, batch_size=4, rank=2, alpha=4,
                  target_modules=["lm_head"], device="cpu", progress=False)
