@@ -456,6 +456,13 @@ class TrainConfig(_Settings):
         the trajectory with dense steps and the offset parameterisation (where it is
         implemented), else the implicit gradient (docs/learned-precision.md, section 11);
         ``fit_args["tau_gradient"]`` names the one that ran.
+    tau_gate
+        MAP's validation method: 0 (default) lets Adam step log tau by about ``tau_lr`` at every
+        update. ``K > 0`` multiplies each step by ``max(0, 1 - K / z^2)``, ``z`` the recent
+        gradients' weighted mean over its standard error (`hyper.LogTauAdam`): where the
+        gradient's mean does not stand out of its noise, tau stays. Not the default: on
+        Shakespeare seed 0 it held tau as built but did not change the result
+        (docs/learned-precision.md, section 12).
     tau_shift_moments
         MAP with ``tau="learn"``: after every change of tau, shift AdamW's first and second
         moments of the task offsets (or adapters) by the change ``(tau_new - tau_old) (theta_d -
@@ -556,6 +563,10 @@ class TrainConfig(_Settings):
                                          "documents, else the evidence)", choices=TAU_METHODS))
     tau_lr: float = field(
         default=0.5, metadata=_help("MAP, learned tau, tau_method='validation': Adam step size of log tau"))
+    tau_gate: float = field(
+        default=0.0, metadata=_help("MAP, learned tau, tau_method='validation': take Adam's steps on log tau "
+                                    "only as far as the recent gradients' mean stands out of their noise "
+                                    "(the step times max(0, 1 - gate / z^2)); 0: plain Adam"))
     tau_val_batches: int = field(
         default=1, metadata=_help("MAP, learned tau, tau_method='validation': validation minibatches (forward "
                                   "and backward passes) averaged in each update's gradient"))
@@ -607,6 +618,7 @@ class TrainConfig(_Settings):
         checks.choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         checks.choice("tau_method", self.tau_method, TAU_METHODS)
         self.tau_lr = checks.positive_number("tau_lr", self.tau_lr)
+        self.tau_gate = checks.non_negative_number("tau_gate", self.tau_gate)
         self.tau_val_batches = checks.positive_int("tau_val_batches", self.tau_val_batches)
         self.num_particles = checks.positive_int("num_particles", self.num_particles)
         self.init_scale = _parse_init_scale(self.init_scale)

@@ -48,6 +48,7 @@ def test_wrong_object_type_is_a_type_error():
     ({"parameterization": "centred"}, "did you mean 'centered'"),
     ({"autocast": "fp8"}, "autocast='fp8' is not valid"),
     ({"num_particles": 0}, "num_particles must be a positive integer"),
+    ({"tau_gate": -1.0}, "tau_gate must be a finite number >= 0"),
 ])
 def test_train_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -274,16 +274,30 @@ class LogTauAdam:
         Adam's decays; short, since a run holds only 10-20 updates.
     bounds
         ``(low, high)``: tau stays inside.
+    gate
+        0 (default): plain Adam. ``K > 0``: each step is multiplied by ``max(0, 1 - K c s^2 /
+        m^2)``, the positive-part shrinkage towards 0 of the gradients' weighted mean ``m``
+        (`_gate`), so that gradients whose mean does not stand out of their spread move log
+        tau little (Adam alone turns them into a random walk of steps of about ``lr``).
+    gate_beta
+        Decay of the gate's weighted mean and variance.
     """
 
-    def __init__(self, tau: torch.Tensor, *, lr: float, betas=(0.5, 0.8), bounds=(1e-2, 1e9), eps: float = 1e-30):
+    def __init__(self, tau: torch.Tensor, *, lr: float, betas=(0.5, 0.8), bounds=(1e-2, 1e9), eps: float = 1e-30,
+                 gate: float = 0.0, gate_beta: float = 0.8):
         self.log_tau = tau.detach().double().log().clone()
         self.lr = float(lr)
         self.betas = tuple(float(b) for b in betas)
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.eps = float(eps)
+        self.gate = float(gate)
+        self.gate_beta = float(gate_beta)
         self.m = torch.zeros_like(self.log_tau)
         self.v = torch.zeros_like(self.log_tau)
+        #: the gate's weighted mean and second moment of the gradient (decay ``gate_beta``)
+        self.gm = torch.zeros_like(self.log_tau)
+        self.gw = torch.zeros_like(self.log_tau)
+        self.last_gate = torch.ones_like(self.log_tau)
         self.count = 0
 
     @property
@@ -299,16 +313,39 @@ class LogTauAdam:
         self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
         m_hat = self.m / (1 - b1**self.count)
         v_hat = self.v / (1 - b2**self.count)
-        self.log_tau.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
+        factor = self._gate(g)
+        self.log_tau.sub_(self.lr * factor * m_hat / (v_hat.sqrt() + self.eps))
         self.log_tau.clamp_(min=math.log(self.bounds[0]), max=math.log(self.bounds[1]))
         return self.tau
 
+    def _gate(self, g: torch.Tensor) -> torch.Tensor:
+        """The step's factor in ``[0, 1]``: 1 without a gate, else the positive-part shrinkage
+        ``max(0, 1 - gate * c s^2 / m^2)`` of the gradient's weighted mean ``m`` (decay
+        ``gate_beta``) towards 0, with ``s^2`` the gradients' weighted variance and ``c`` the
+        sum of the squared weights (``c s^2``: the variance of ``m`` for independent
+        gradients). 0 at the first update (no variance yet)."""
+        if self.gate <= 0:
+            return self.last_gate
+        b, t = self.gate_beta, self.count
+        self.gm.mul_(b).add_(g, alpha=1 - b)
+        self.gw.mul_(b).addcmul_(g, g, value=1 - b)
+        if t == 1:
+            self.last_gate = torch.zeros_like(self.log_tau)
+            return self.last_gate
+        mean = self.gm / (1 - b**t)
+        c = (1 - b) * (1 + b**t) / ((1 + b) * (1 - b**t))
+        var = (self.gw / (1 - b**t) - mean**2).clamp_min(0) / (1 - c)
+        self.last_gate = (1 - self.gate * c * var / mean.pow(2).clamp_min(1e-300)).clamp(0, 1)
+        return self.last_gate
+
     def state_dict(self) -> dict:
-        return {"log_tau": self.log_tau.clone(), "m": self.m.clone(), "v": self.v.clone(), "count": self.count}
+        return {"log_tau": self.log_tau.clone(), "m": self.m.clone(), "v": self.v.clone(), "count": self.count,
+                "gm": self.gm.clone(), "gw": self.gw.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("log_tau", "m", "v"):
-            getattr(self, name).copy_(state[name])
+        for name in ("log_tau", "m", "v", "gm", "gw"):
+            if name in state:
+                getattr(self, name).copy_(state[name])
         self.count = int(state["count"])
 
 

@@ -287,7 +287,7 @@ class MAPStepper(Stepper):
             self.validation_batches = validation.batches
             if model.config.tau_init is None:  # the validation method's own start (config.VALIDATION_TAU_INIT)
                 self.tau = torch.full_like(self.tau, VALIDATION_TAU_INIT)
-            self.log_tau = LogTauAdam(self.tau, lr=train.tau_lr)
+            self.log_tau = LogTauAdam(self.tau, lr=train.tau_lr, gate=train.tau_gate)
         #: ``tau_gradient="trajectory"``: the shadow fits (created at the first step).
         self.shadows = None
         self.by_trajectory = self.learn and by_validation and resolve_tau_gradient(
@@ -466,6 +466,8 @@ class MAPStepper(Stepper):
         self.tau = self.log_tau.step(grad).to(self.device, self.tau.dtype)
         self._shift_moments(old)
         record = {"step": step, "tau": self.tau.tolist(), "grad": grad.tolist()}
+        if self.log_tau.gate > 0:
+            record["gate"] = self.log_tau.last_gate.tolist()
         if self.shadows is not None:
             record["grad_implicit"] = implicit.tolist()
         self.tau_updates.append(record)
