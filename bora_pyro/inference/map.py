@@ -320,6 +320,8 @@ class MAPStepper(Stepper):
         self._task_param = None
         self._batch = None
         self._curvature, self._curvature_at = None, -1
+        #: ``(tau, tau[group_index])`` on the compute device, for the shadows' steps
+        self._tau_p = (None, None)
 
     def build_guide(self):
         return PointGuide(self.model, self.init_global, self.parameterization, storage=self.storage)
@@ -364,12 +366,15 @@ class MAPStepper(Stepper):
         if self._curvature_at != self.probe.count:
             self._curvature, self._curvature_at = self.probe.curvature().to(self.device), self.probe.count
         settings = {}
-        for g in self.optimizer.param_groups:
+        for g in self.optimizer.param_groups:  # read every step: the schedule moves the learning rates
             for p in g["params"]:
-                settings[id(p)] = {"lr": g["lr"], "betas": g["betas"], "eps": g["eps"], "weight_decay": g["weight_decay"]}
-        tau_p = self.tau.to(self.device)[self.model.group_index.to(self.device)]
-        self.shadows.step(offsets.grad, theta_g.grad, offsets.detach(), theta_g.detach(), tau_p, self._curvature,
-                          task_opt=settings[id(offsets)], global_opt=settings[id(theta_g)])
+                if p is offsets or p is theta_g:
+                    settings[id(p)] = {"lr": g["lr"], "betas": g["betas"], "eps": g["eps"],
+                                       "weight_decay": g["weight_decay"]}
+        if self._tau_p[0] is not self.tau:  # per-entry precisions, rebuilt only when tau changes
+            self._tau_p = (self.tau, self.tau.to(self.device)[self.model.group_index.to(self.device)])
+        self.shadows.step(offsets.grad, theta_g.grad, offsets.detach(), theta_g.detach(), self._tau_p[1],
+                          self._curvature, task_opt=settings[id(offsets)], global_opt=settings[id(theta_g)])
 
     def _is_update(self, done: int) -> bool:
         """Whether an evidence update runs after ``done`` completed steps."""
